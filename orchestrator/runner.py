@@ -1,0 +1,316 @@
+"""The runner: decide per stage whether to reuse, re-run or resume, then execute.
+
+Fingerprint of a stage = sha256 over (stage name, stage version, its config section,
+the fingerprints of its upstream stages). A stage is *done* when its manifest is valid
+and carries the current fingerprint; otherwise it is *stale* (manifest of another
+fingerprint: we say which values changed), *failed* or *pending*. Only the stages that
+are not done run, in pipeline order, so changing one value re-runs that stage and what
+follows it, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from recoup.orchestrator import store
+from recoup.orchestrator.config import diff_configs
+from recoup.orchestrator.lock import RunLock, holder_alive, read_holder
+from recoup.orchestrator.runconfig import RunConfig
+from recoup.orchestrator.stage import (
+    Executor,
+    InProcessExecutor,
+    Metrics,
+    Resources,
+    StageContext,
+    StageSpec,
+    get_stage,
+)
+from recoup.orchestrator.stage_logging import log_to_file
+
+log = logging.getLogger("recoup.runner")
+
+State = Literal["done", "stale", "pending", "failed", "running"]
+CONFIG_FILE = "config.yaml"
+_VERSIONED = ("recoup", "torch", "transformers", "ray", "deepspeed", "peft", "pyarrow")
+
+
+class StageFailedError(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage {stage!r} failed: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+def fingerprint(name: str, version: int, config: dict[str, Any], upstream: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"stage": name, "version": version, "config": config, "upstream": upstream},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    spec: StageSpec
+    fingerprint: str
+    config: dict[str, Any]
+    upstream: dict[str, str]
+    state: State
+    reasons: tuple[str, ...] = ()
+    manifest: store.Manifest | None = None
+    failure: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def pipeline_specs(cfg: RunConfig) -> list[StageSpec]:
+    """The stages of ``run.pipeline`` in order; each one's inputs must come before it."""
+    specs: list[StageSpec] = []
+    seen: set[str] = set()
+    for name in cfg.run.pipeline:
+        spec = get_stage(name)
+        missing = [r for r in spec.requires if r not in seen]
+        if missing:
+            raise ValueError(
+                f"run.pipeline: stage {name!r} needs {', '.join(missing)} earlier in the pipeline"
+            )
+        specs.append(spec)
+        seen.add(name)
+    return specs
+
+
+def _why_stale(plan_fp: str, spec: StageSpec, config: dict[str, Any], upstream: dict[str, str],
+               m: store.Manifest) -> list[str]:
+    reasons: list[str] = []
+    if m.version != spec.version:
+        reasons.append(f"stage code version {m.version} -> {spec.version}")
+    reasons += diff_configs(m.config, config, prefix=f"{spec.config_key}.")
+    for up, fp in upstream.items():
+        if m.upstream.get(up) != fp:
+            reasons.append(f"upstream stage '{up}' changed")
+    if not reasons and m.fingerprint != plan_fp:
+        reasons.append("fingerprint changed")
+    return reasons
+
+
+def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, Any],
+                 upstream: dict[str, str], verify: store.Verify,
+                 upstream_ok: bool) -> StagePlan:
+    base = {"spec": spec, "fingerprint": fp, "config": config, "upstream": upstream}
+    manifest: store.Manifest | None = None
+    try:
+        manifest = store.read_manifest(stage_dir)
+    except store.ManifestError as e:
+        if (stage_dir / store.MANIFEST).exists():
+            return StagePlan(**base, state="stale", reasons=(str(e),))
+    if manifest is not None:
+        if manifest.fingerprint == fp and upstream_ok:
+            try:
+                store.verify_outputs(stage_dir, manifest, verify)
+            except store.ManifestError as e:
+                return StagePlan(**base, state="stale", reasons=(str(e),), manifest=manifest)
+            return StagePlan(**base, state="done", manifest=manifest)
+        if manifest.fingerprint == fp:
+            reasons = [f"upstream stage '{r}' is re-run" for r in spec.requires]
+        else:
+            reasons = _why_stale(fp, spec, config, upstream, manifest)
+        return StagePlan(**base, state="stale", reasons=tuple(reasons), manifest=manifest)
+    running = stage_dir / store.RUNNING
+    failed = stage_dir / store.FAILED
+    if running.exists():
+        if holder_alive(read_holder(stage_dir.parent)):
+            return StagePlan(**base, state="running")
+        return StagePlan(**base, state="failed",
+                         reasons=("interrupted: the process running it died",))
+    if failed.exists():
+        info = json.loads(failed.read_text())
+        return StagePlan(**base, state="failed", reasons=(info.get("error", "?"),), failure=info)
+    return StagePlan(**base, state="pending")
+
+
+def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None) -> list[StagePlan]:
+    """State of every pipeline stage against the current config, without running anything."""
+    verify = verify or cfg.run.verify
+    plans: list[StagePlan] = []
+    fps: dict[str, str] = {}
+    done: set[str] = set()
+    for spec in pipeline_specs(cfg):
+        config = spec.config_of(cfg).model_dump(mode="json")
+        upstream = {r: fps[r] for r in spec.requires}
+        fp = fingerprint(spec.name, spec.version, config, upstream)
+        fps[spec.name] = fp
+        upstream_ok = all(r in done for r in spec.requires)
+        plan = _stage_state(spec, cfg.run.dir / spec.name, fp, config, upstream, verify,
+                            upstream_ok)
+        if plan.state == "done":
+            done.add(spec.name)
+        plans.append(plan)
+    return plans
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass(kw_only=True)
+class RunOutcome:
+    plans: list[StagePlan]
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+
+
+def _prepare_stage_dir(spec: StageSpec, stage_dir: Path) -> None:
+    if spec.resumable:
+        store.remove_temporaries(stage_dir)
+    elif stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / store.MANIFEST).unlink(missing_ok=True)
+    (stage_dir / store.FAILED).unlink(missing_ok=True)
+    store.atomic_write_json(stage_dir / store.RUNNING,
+                            {"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.time()})
+
+
+def _execute(plan: StagePlan, cfg: RunConfig, executor: Executor,
+             inputs: dict[str, Path], progress: bool) -> store.Manifest:
+    spec = plan.spec
+    stage_dir = cfg.run.dir / spec.name
+    _prepare_stage_dir(spec, stage_dir)
+    ctx = StageContext(name=spec.name, run_dir=cfg.run.dir, out_dir=stage_dir, inputs=inputs,
+                       config=spec.config_of(cfg), run=cfg, progress=progress)
+    resources = Resources(num_cpus=cfg.cluster.stage_cpus, num_gpus=cfg.cluster.stage_gpus)
+    started = time.time()
+    try:
+        metrics = executor.execute(spec, ctx, resources)
+    except BaseException as e:
+        store.atomic_write_json(stage_dir / store.FAILED, {
+            "error": f"{type(e).__name__}: {e}", "at": time.time(),
+            "traceback": traceback.format_exc()[-4000:],
+        })
+        (stage_dir / store.RUNNING).unlink(missing_ok=True)
+        raise StageFailedError(spec.name, e) from e
+    manifest = store.Manifest(
+        stage=spec.name, version=spec.version, fingerprint=plan.fingerprint,
+        config=plan.config, upstream=plan.upstream, outputs=store.describe_outputs(stage_dir),
+        metrics=metrics or {}, started_at=started, finished_at=time.time(),
+        versions=_versions(),
+    )
+    store.write_manifest(stage_dir, manifest)
+    (stage_dir / store.RUNNING).unlink(missing_ok=True)
+    return manifest
+
+
+def describe_plan(plan: StagePlan) -> str:
+    if plan.state == "done":
+        assert plan.manifest is not None
+        return f"{plan.name:<10} reused   (done in {plan.manifest.duration_s:.1f} s earlier)"
+    why = "; ".join(plan.reasons) if plan.reasons else "not run yet"
+    verb = {"stale": "re-run", "failed": "re-run", "pending": "run", "running": "run"}[plan.state]
+    return f"{plan.name:<10} {verb:<8} ({why})"
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    executor_factory: Callable[[], Executor] = InProcessExecutor,
+    progress: bool = True,
+    echo: Callable[[str], None] = lambda s: print(s, flush=True),
+) -> RunOutcome:
+    """Run every stage of the pipeline that is not done; reuse the rest.
+
+    The executor (and with it a Ray cluster) is only created once a stage must run, so a
+    fully cached run finishes in seconds.
+    """
+    run_dir = cfg.run.dir
+    with RunLock(run_dir), log_to_file(run_dir / "logs" / "run.log"):
+        store.atomic_write_text(run_dir / CONFIG_FILE,
+                                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        plans = plan_run(cfg)
+        outcome = RunOutcome(plans=plans)
+        executor: Executor | None = None
+        inputs: dict[str, Path] = {}
+        changed: set[str] = set()
+        try:
+            for plan in plans:
+                stage_dir = run_dir / plan.name
+                if plan.state == "done" and not (set(plan.spec.requires) & changed):
+                    echo(describe_plan(plan))
+                    assert plan.manifest is not None
+                    outcome.reused.append(plan.name)
+                    outcome.metrics[plan.name] = plan.manifest.metrics
+                else:
+                    echo(describe_plan(plan))
+                    if executor is None:
+                        executor = executor_factory()
+                    spec_inputs = {r: inputs[r] for r in plan.spec.requires}
+                    t0 = time.time()
+                    manifest = _execute(plan, cfg, executor, spec_inputs, progress)
+                    echo(f"{plan.name:<10} done     in {time.time() - t0:.1f} s"
+                         + (f"  {s}" if (s := plan.spec.summarize(manifest.metrics)) else ""))
+                    outcome.ran.append(plan.name)
+                    outcome.metrics[plan.name] = manifest.metrics
+                    changed.add(plan.name)
+                inputs[plan.name] = stage_dir
+        finally:
+            if executor is not None:
+                executor.close()
+        for plan in reversed(plans):
+            if plan.spec.report is not None:
+                echo("")
+                echo(plan.spec.report(outcome.metrics[plan.name]))
+                break
+        return outcome
+
+
+def load_run_dir_config(run_dir: Path) -> RunConfig:
+    """The config a run directory was last run with (for ``recoup status``)."""
+    from recoup.orchestrator.config import ConfigError, read_yaml_mapping, validate
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a recoup run directory (no {CONFIG_FILE} in it)")
+    data = read_yaml_mapping(path)
+    data.setdefault("run", {})["dir"] = str(run_dir)
+    return validate(RunConfig, data, source=str(path))
+
+
+def status_rows(cfg: RunConfig, *, verify: store.Verify = "size") -> Sequence[tuple[str, ...]]:
+    rows = []
+    for plan in plan_run(cfg, verify=verify):
+        m = plan.manifest
+        duration = f"{m.duration_s:.1f} s" if m and plan.state in ("done", "stale") else "-"
+        when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(m.finished_at))
+                if m and plan.state in ("done", "stale") else "-")
+        if plan.state == "done" and m is not None:
+            detail = plan.spec.summarize(m.metrics)
+        else:
+            detail = "; ".join(plan.reasons)
+        rows.append((plan.name, plan.state, duration, when, detail))
+    return rows

@@ -1,0 +1,147 @@
+"""Stage contract and registry.
+
+A stage is a plain function ``fn(ctx) -> metrics`` plus a :class:`StageSpec` that says
+what it needs (upstream stages, its config section) and how it is versioned. The
+function receives everything through its :class:`StageContext` (no globals), so the
+same function runs in-process or as a Ray task on another machine. It writes its files
+into ``ctx.out_dir``; the runner hashes them and writes the manifest afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from recoup.orchestrator.stage_logging import log_to_file
+
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    """Everything a stage may read. Picklable, so it travels to Ray workers as is."""
+
+    name: str
+    run_dir: Path
+    out_dir: Path
+    #: upstream stage name -> its folder, already verified complete by the runner
+    inputs: Mapping[str, Path]
+    #: this stage's own config section
+    config: Any
+    #: the whole run config, for shared settings (device, data dir); read-only
+    run: Any
+    progress: bool = True
+
+    def input(self, stage: str) -> Path:
+        try:
+            return self.inputs[stage]
+        except KeyError:
+            raise KeyError(f"stage {self.name!r} has no input from stage {stage!r}") from None
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"recoup.{self.name}")
+
+
+class StageFn(Protocol):
+    def __call__(self, ctx: StageContext) -> Metrics: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """What one execution of the stage asks the cluster for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    name: str
+    #: bump when the stage's code changes what it writes: invalidates old manifests
+    version: int
+    requires: tuple[str, ...]
+    #: attribute of the run config holding this stage's section
+    config_key: str
+    fn: StageFn
+    #: sharded stages keep their partial files across a crash and resume from them
+    resumable: bool = False
+    #: one line of key metrics for ``recoup status``
+    summarize: Callable[[Metrics], str] = field(default=lambda m: "")
+    #: the table printed when this stage ends a run
+    report: Callable[[Metrics], str] | None = None
+
+    def config_of(self, run_config: BaseModel) -> BaseModel:
+        return getattr(run_config, self.config_key)
+
+
+_REGISTRY: dict[str, StageSpec] = {}
+
+
+def register_stage(
+    *,
+    name: str,
+    version: int,
+    requires: tuple[str, ...] = (),
+    config_key: str | None = None,
+    resumable: bool = False,
+    summarize: Callable[[Metrics], str] | None = None,
+    report: Callable[[Metrics], str] | None = None,
+) -> Callable[[StageFn], StageFn]:
+    """Register ``fn`` as stage ``name``; a second registration of a name is an error."""
+
+    def deco(fn: StageFn) -> StageFn:
+        if name in _REGISTRY:
+            raise ValueError(f"stage {name!r} is registered twice")
+        _REGISTRY[name] = StageSpec(
+            name=name,
+            version=version,
+            requires=requires,
+            config_key=config_key or name,
+            fn=fn,
+            resumable=resumable,
+            summarize=summarize or (lambda m: ""),
+            report=report,
+        )
+        return fn
+
+    return deco
+
+
+def get_stage(name: str) -> StageSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown stage {name!r}; known stages: {known}") from None
+
+
+def registered_stages() -> Mapping[str, StageSpec]:
+    return dict(_REGISTRY)
+
+
+class Executor(Protocol):
+    """Runs one stage function somewhere (this process, a Ray task, ...)."""
+
+    def execute(self, spec: StageSpec, ctx: StageContext, resources: Resources) -> Metrics: ...
+
+    def close(self) -> None: ...
+
+
+def run_stage_fn(spec: StageSpec, ctx: StageContext) -> Metrics:
+    """What every executor calls: the stage function with its log file attached."""
+    with log_to_file(ctx.run_dir / "logs" / f"{spec.name}.log"):
+        return spec.fn(ctx)
+
+
+class InProcessExecutor:
+    def execute(self, spec: StageSpec, ctx: StageContext, resources: Resources) -> Metrics:
+        return run_stage_fn(spec, ctx)
+
+    def close(self) -> None:
+        pass

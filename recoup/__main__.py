@@ -1,0 +1,5 @@
+import sys
+
+from recoup.orchestrator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""See recoup/__init__.py."""

@@ -1,0 +1,57 @@
+"""Calibration token windows for pruning: text from any data source, seeded windows.
+
+Wanda and SparseGPT need a few hundred thousand tokens of representative text. Here the
+source's samples (prompt + response) are joined with blank lines, tokenized once, and
+``num_samples`` windows of ``seq_len`` tokens start at seeded random offsets. Nothing is
+hard-coded: count, length and seed come from the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from recoup.orchestrator.config import StrictModel
+from recoup.stages.datasources import AlpacaSourceConfig, SourceConfig, load_samples
+
+
+class CalibrationConfig(StrictModel):
+    data: SourceConfig = Field(
+        AlpacaSourceConfig(path=Path("alpaca/train.jsonl")),
+        description="Data source of calibration text (relative paths: from the data dir).",
+    )
+    num_samples: int = Field(32, ge=1, description="Calibration windows.")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration window.")
+    seed: int = Field(0, description="Seed of the window offsets.")
+
+
+def resolve_source_paths(data: Any, data_dir: Path) -> Any:
+    """Relative ``path`` fields of a source config are read from the data dir."""
+    path = getattr(data, "path", None)
+    if isinstance(path, Path) and not path.is_absolute():
+        return data.model_copy(update={"path": data_dir / path})
+    return data
+
+
+def calibration_ids(cfg: CalibrationConfig, tokenizer: Any, data_dir: Path,
+                    *, max_positions: int) -> torch.Tensor:
+    """(num_samples, seq_len) token ids drawn from the configured text."""
+    if cfg.seq_len > max_positions:
+        raise ValueError(
+            f"degrade.calibration.seq_len={cfg.seq_len} is longer than the model allows "
+            f"({max_positions} positions)"
+        )
+    samples = load_samples(resolve_source_paths(cfg.data, data_dir))
+    text = "\n\n".join(s.prompt + s.response for s in samples)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if ids.numel() <= cfg.seq_len:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens, not enough for windows of "
+            f"degrade.calibration.seq_len={cfg.seq_len}"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, ids.numel() - cfg.seq_len, (cfg.num_samples,), generator=gen)
+    return torch.stack([ids[s:s + cfg.seq_len] for s in starts.tolist()])  # (N, seq_len)
