@@ -16,6 +16,7 @@ from recoup.cluster.config import ClusterConfig
 from recoup.orchestrator.stage import Metrics, Resources, StageContext, StageSpec, run_stage_fn
 
 log = logging.getLogger("recoup.cluster")
+_WORKER_TQDM_INTERVAL_S = 10
 
 
 def start_ray(cfg: ClusterConfig) -> bool:
@@ -59,6 +60,8 @@ class RayExecutor:
         task: Any = ray.remote(_run_stage).options(
             num_cpus=num_cpus, num_gpus=resources.num_gpus, max_retries=0,
             name=f"recoup:{spec.name}",
+            # Ray forwards worker output line by line: redraw progress bars rarely.
+            runtime_env={"env_vars": {"TQDM_MININTERVAL": str(_WORKER_TQDM_INTERVAL_S)}},
         )
         try:
             return ray.get(task.remote(spec, ctx))

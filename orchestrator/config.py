@@ -9,9 +9,9 @@ cost seconds, not a GPU-hour.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-import re
 from typing import Any, TypeVar
 
 import yaml

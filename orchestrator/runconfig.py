@@ -10,9 +10,13 @@ from pydantic import Field
 
 from recoup.cluster.config import ClusterConfig
 from recoup.orchestrator.config import StrictModel
+from recoup.stages.collect import CollectConfig
+from recoup.stages.data import DataConfig
 from recoup.stages.degrade import DegradeConfig
 from recoup.stages.evaluate import EvaluateConfig
 from recoup.stages.prepare import PrepareConfig
+from recoup.stages.select import SelectConfig
+from recoup.stages.svd import SvdConfig
 
 DATA_DIR_ENV = "RECOUP_DATA_DIR"
 DEFAULT_PIPELINE = ("prepare", "degrade", "evaluate")
@@ -59,4 +63,8 @@ class RunConfig(StrictModel):
     cluster: ClusterConfig = ClusterConfig()
     prepare: PrepareConfig
     degrade: DegradeConfig = DegradeConfig()
+    data: DataConfig = DataConfig()
+    collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    svd: SvdConfig = SvdConfig()
+    select: SelectConfig = SelectConfig()

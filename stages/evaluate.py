@@ -19,6 +19,8 @@ from recoup.stages import lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 
 RESULTS = "results.json"
+#: Table order: the references first, then what recovery produced.
+MODEL_ORDER = ("dense", "degraded", "recovered")
 
 
 class EvaluateConfig(StrictModel):
@@ -59,7 +61,9 @@ def evaluate_models(models: dict[str, Any], dense: Any, ids: torch.Tensor, batch
 def format_table(m: Metrics) -> str:
     head = f"WikiText-2 ({m['windows']} windows x {m['seq_len']} tokens)"
     lines = [f"{'model':<12} {'perplexity':>12} {'KL to dense':>12}", "-" * 38]
-    for name, r in m["models"].items():
+    models = m["models"]
+    for name in sorted(models, key=lambda k: (MODEL_ORDER.index(k) if k in MODEL_ORDER else 99, k)):
+        r = models[name]
         lines.append(f"{name:<12} {r['ppl']:>12.3f} {r['kl_to_dense']:>12.4f}")
     return head + "\n" + "\n".join(lines)
 

@@ -1,0 +1,145 @@
+"""Fan a per-layer function out as one Ray task per item, or run it serially in-process.
+
+The svd and select stages do the same small job for every decoder layer, each reading only
+its own layer's activations. :func:`map_layers` runs ``fn(*args)`` for every entry of
+``args_per_layer`` and returns the results in input order, whatever order they finish in.
+
+- ``cluster.mode == "ray"``: one Ray task per item, ``num_cpus_per_task`` CPUs each, at most
+  ``max_parallel`` in flight. Inside a stage that the runner already runs as a Ray task,
+  Ray is initialised in this process and the tasks go to the same cluster; a Ray task
+  blocked in ``ray.get`` hands its CPUs back, so the layer tasks can use them. Called
+  outside any cluster (a direct call, a benchmark), a local Ray is started from the
+  cluster config and shut down again afterwards.
+- ``cluster.mode == "inprocess"``, or Ray not installed: the same function, serially.
+
+Either way each call runs with ``torch`` limited to ``ceil(num_cpus_per_task)`` threads, so
+a layer's arithmetic (and its rounding, e.g. in LAPACK's SVD) is the same in both modes:
+results do not depend on how many workers ran them.
+
+Ray is imported lazily, and only here (and in :mod:`recoup.cluster.runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from recoup.cluster.config import ClusterConfig
+
+log = logging.getLogger("recoup.cluster")
+
+T = TypeVar("T")
+
+
+def task_threads(num_cpus_per_task: float) -> int:
+    """Torch threads of one task: the CPUs it was granted, rounded up, at least 1."""
+    return max(1, math.ceil(num_cpus_per_task))
+
+
+def _call_with_threads(fn: Callable[..., T], args: tuple[Any, ...], threads: int) -> T:
+    """Run ``fn(*args)`` with torch limited to ``threads`` threads, then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _serial(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], threads: int,
+            bar: Any) -> list[T]:
+    out: list[T] = []
+    for args in items:
+        out.append(_call_with_threads(fn, args, threads))
+        bar.update(1)
+    return out
+
+
+def _ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg: ClusterConfig,
+            num_cpus: float, threads: int, max_parallel: int | None, name: str,
+            bar: Any) -> list[T]:
+    import ray
+
+    from recoup.cluster.runtime import start_ray
+
+    started = start_ray(cluster_cfg)
+    try:
+        remote: Any = ray.remote(_call_with_threads).options(
+            num_cpus=num_cpus, max_retries=0, name=name
+        )
+        limit = len(items) if max_parallel is None else max_parallel
+        results: dict[int, T] = {}
+        pending: dict[Any, int] = {}
+        queue = list(enumerate(items))
+        queue.reverse()  # pop() from the end submits item 0 first
+        while queue or pending:
+            while queue and len(pending) < limit:
+                index, args = queue.pop()
+                pending[remote.remote(fn, args, threads)] = index
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                index = pending.pop(ref)
+                try:
+                    results[index] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    for other in pending:
+                        ray.cancel(other)
+                    # Surface the task's own exception (one sentence), not Ray's wrapper.
+                    raise (e.cause if e.cause is not None else e) from None
+                bar.update(1)
+        return [results[i] for i in range(len(items))]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def map_layers(
+    fn: Callable[..., T],
+    args_per_layer: Sequence[tuple[Any, ...]],
+    cluster_cfg: ClusterConfig,
+    *,
+    num_cpus_per_task: float = 1.0,
+    max_parallel: int | None = None,
+    desc: str = "layers",
+    progress: bool = True,
+) -> list[T]:
+    """``[fn(*args) for args in args_per_layer]``, one Ray task per item where Ray runs.
+
+    ``fn`` must be a module-level function and its arguments picklable (paths, configs,
+    tensors): a Ray worker receives everything through them, never through globals.
+    ``max_parallel`` caps the tasks in flight (``None``: all, Ray queues what does not fit
+    in the cluster's CPUs); it has no effect in-process. The first failing task's own
+    exception is raised, and the tasks still queued are cancelled.
+    """
+    if max_parallel is not None and max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
+    items = [tuple(a) for a in args_per_layer]
+    threads = task_threads(num_cpus_per_task)
+    bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
+    try:
+        if not items:
+            return []
+        if cluster_cfg.mode == "ray" and _ray_available():
+            name = f"recoup:{desc}"
+            return _on_ray(fn, items, cluster_cfg, num_cpus_per_task, threads, max_parallel,
+                           name, bar)
+        if cluster_cfg.mode == "ray":
+            log.warning("Ray is not installed: running %d %s tasks serially in this process",
+                        len(items), desc)
+        return _serial(fn, items, threads, bar)
+    finally:
+        bar.close()
