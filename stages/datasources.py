@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field
+
 from recoup.orchestrator.config import StrictModel
 
 logger = logging.getLogger(__name__)

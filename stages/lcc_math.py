@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from recoup.orchestrator.config import StrictModel
 from torch import Tensor
+
+from recoup.orchestrator.config import StrictModel
 
 HeadId = tuple[int, int]
 """(layer, head), both zero-based. Never a flat index."""

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+
 from recoup.orchestrator.store import TMP_MARK, commit_path
 from recoup.stages.datasources import Sample
 

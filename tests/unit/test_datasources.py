@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
+
 from recoup.stages import datasources as ds
 from recoup.stages.datasources import (
     AlpacaSourceConfig,
@@ -35,7 +36,7 @@ def _data_dir() -> Path:
 def alpaca_path() -> Path:
     path = _data_dir() / "alpaca" / "train.jsonl"
     if not path.is_file():
-        pytest.skip(f"data file {path} not found (set RECOUP_DATA_DIR)")
+        pytest.fail(f"data file {path} not found (set RECOUP_DATA_DIR)")
     return path
 
 
@@ -43,7 +44,7 @@ def alpaca_path() -> Path:
 def wikitext_path() -> Path:
     path = _data_dir() / "wikitext2" / "wiki.test.raw"
     if not path.is_file():
-        pytest.skip(f"data file {path} not found (set RECOUP_DATA_DIR)")
+        pytest.fail(f"data file {path} not found (set RECOUP_DATA_DIR)")
     return path
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
+
 from recoup.stages import lcc_math as lm
 from recoup.stages.lcc_math import (
     HeadScores,

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+
 from recoup.stages.datasources import AlpacaSourceConfig, Sample, load_samples
 from recoup.stages.triplets import (
     SAMPLE_SCHEMA,
@@ -191,7 +192,7 @@ def test_minilm_is_mean_pooling_over_the_mask(encoder: MiniLMEncoder) -> None:
 def test_minilm_triplets_on_alpaca(encoder: MiniLMEncoder) -> None:
     path = _data_dir() / "alpaca" / "train.jsonl"
     if not path.is_file():
-        pytest.skip(f"data file {path} not found (set RECOUP_DATA_DIR)")
+        pytest.fail(f"data file {path} not found (set RECOUP_DATA_DIR)")
     samples = load_samples(AlpacaSourceConfig(path=path, num_samples=12, seed=0))
     triplets = build_triplets(samples, encoder, batch_size=5)
     assert [t.id for t in triplets] == [s.id for s in samples]
