@@ -14,9 +14,11 @@ from recoup.stages.collect import CollectConfig
 from recoup.stages.data import DataConfig
 from recoup.stages.degrade import DegradeConfig
 from recoup.stages.evaluate import EvaluateConfig
+from recoup.stages.export import ExportConfig
 from recoup.stages.prepare import PrepareConfig
 from recoup.stages.select import SelectConfig
 from recoup.stages.svd import SvdConfig
+from recoup.stages.train import TrainConfig
 
 DATA_DIR_ENV = "RECOUP_DATA_DIR"
 DEFAULT_PIPELINE = ("prepare", "degrade", "evaluate")
@@ -68,3 +70,5 @@ class RunConfig(StrictModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     svd: SvdConfig = SvdConfig()
     select: SelectConfig = SelectConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()

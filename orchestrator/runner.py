@@ -87,6 +87,11 @@ def pipeline_specs(cfg: RunConfig) -> list[StageSpec]:
     for name in cfg.run.pipeline:
         spec = get_stage(name)
         missing = [r for r in spec.requires if r not in seen]
+        late = [o for o in spec.optional if o in cfg.run.pipeline and o not in seen]
+        if late:
+            raise ValueError(
+                f"run.pipeline: stage {name!r} reads {', '.join(late)}, which must come before it"
+            )
         if missing:
             raise ValueError(
                 f"run.pipeline: stage {name!r} needs {', '.join(missing)} earlier in the pipeline"
@@ -128,7 +133,7 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
                 return StagePlan(**base, state="stale", reasons=(str(e),), manifest=manifest)
             return StagePlan(**base, state="done", manifest=manifest)
         if manifest.fingerprint == fp:
-            reasons = [f"upstream stage '{r}' is re-run" for r in spec.requires]
+            reasons = [f"upstream stage '{r}' is re-run" for r in upstream]
         else:
             reasons = _why_stale(fp, spec, config, upstream, manifest)
         return StagePlan(**base, state="stale", reasons=tuple(reasons), manifest=manifest)
@@ -153,10 +158,11 @@ def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None) -> list[Stag
     done: set[str] = set()
     for spec in pipeline_specs(cfg):
         config = spec.config_of(cfg).model_dump(mode="json")
-        upstream = {r: fps[r] for r in spec.requires}
+        deps = spec.inputs_in(cfg.run.pipeline)
+        upstream = {r: fps[r] for r in deps}
         fp = fingerprint(spec.name, spec.version, config, upstream)
         fps[spec.name] = fp
-        upstream_ok = all(r in done for r in spec.requires)
+        upstream_ok = all(r in done for r in deps)
         plan = _stage_state(spec, cfg.run.dir / spec.name, fp, config, upstream, verify,
                             upstream_ok)
         if plan.state == "done":
@@ -260,7 +266,8 @@ def run_pipeline(
         try:
             for plan in plans:
                 stage_dir = run_dir / plan.name
-                if plan.state == "done" and not (set(plan.spec.requires) & changed):
+                deps = plan.spec.inputs_in(cfg.run.pipeline)
+                if plan.state == "done" and not (set(deps) & changed):
                     echo(describe_plan(plan))
                     assert plan.manifest is not None
                     outcome.reused.append(plan.name)
@@ -269,7 +276,7 @@ def run_pipeline(
                     echo(describe_plan(plan))
                     if executor is None:
                         executor = executor_factory()
-                    spec_inputs = {r: inputs[r] for r in plan.spec.requires}
+                    spec_inputs = {r: inputs[r] for r in deps}
                     t0 = time.time()
                     manifest = _execute(plan, cfg, executor, spec_inputs, progress)
                     echo(f"{plan.name:<10} done     in {time.time() - t0:.1f} s"

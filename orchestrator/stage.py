@@ -66,6 +66,8 @@ class StageSpec:
     #: bump when the stage's code changes what it writes: invalidates old manifests
     version: int
     requires: tuple[str, ...]
+    #: inputs used when those stages are in the pipeline (e.g. evaluate reads export's model)
+    optional: tuple[str, ...] = ()
     #: attribute of the run config holding this stage's section
     config_key: str
     fn: StageFn
@@ -75,6 +77,10 @@ class StageSpec:
     summarize: Callable[[Metrics], str] = field(default=lambda m: "")
     #: the table printed when this stage ends a run
     report: Callable[[Metrics], str] | None = None
+
+    def inputs_in(self, pipeline: tuple[str, ...]) -> tuple[str, ...]:
+        """The upstream stages this stage reads in a given pipeline."""
+        return self.requires + tuple(o for o in self.optional if o in pipeline)
 
     def config_of(self, run_config: BaseModel) -> BaseModel:
         return getattr(run_config, self.config_key)
@@ -88,6 +94,7 @@ def register_stage(
     name: str,
     version: int,
     requires: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
     config_key: str | None = None,
     resumable: bool = False,
     summarize: Callable[[Metrics], str] | None = None,
@@ -102,6 +109,7 @@ def register_stage(
             name=name,
             version=version,
             requires=requires,
+            optional=optional,
             config_key=config_key or name,
             fn=fn,
             resumable=resumable,

@@ -65,7 +65,19 @@ def format_table(m: Metrics) -> str:
     for name in sorted(models, key=lambda k: (MODEL_ORDER.index(k) if k in MODEL_ORDER else 99, k)):
         r = models[name]
         lines.append(f"{name:<12} {r['ppl']:>12.3f} {r['kl_to_dense']:>12.4f}")
+    if "recovered" in models:
+        lines.append("")
+        lines.append(f"gap closed: perplexity {gap_closed(models, 'ppl'):.1%}, "
+                     f"KL {gap_closed(models, 'kl_to_dense'):.1%}")
     return head + "\n" + "\n".join(lines)
+
+
+def gap_closed(models: dict[str, dict[str, float]], metric: str) -> float:
+    """Fraction of the dense-vs-degraded gap that recovery closed (1 = back to dense)."""
+    dense, degraded = models["dense"][metric], models["degraded"][metric]
+    if degraded == dense:
+        return 0.0
+    return (degraded - models["recovered"][metric]) / (degraded - dense)
 
 
 def _summary(m: Metrics) -> str:
@@ -73,7 +85,7 @@ def _summary(m: Metrics) -> str:
 
 
 @register_stage(name="evaluate", version=1, requires=("prepare", "degrade"),
-                summarize=_summary, report=format_table)
+                optional=("export",), summarize=_summary, report=format_table)
 def evaluate(ctx: StageContext) -> Metrics:
     cfg: EvaluateConfig = ctx.config
     device = torch.device(ctx.run.run.device)
@@ -91,6 +103,9 @@ def evaluate(ctx: StageContext) -> Metrics:
     dense = modelio.load_model(prepared / MODEL_DIR, dtype, str(device))
     models = {"dense": dense,
               "degraded": modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, str(device))}
+    if "export" in ctx.inputs:
+        models["recovered"] = modelio.load_model(ctx.input("export") / MODEL_DIR, dtype,
+                                                 str(device))
     results = evaluate_models(models, dense, wins, cfg.batch_size, device, ctx.progress)
     metrics: Metrics = {"windows": int(wins.shape[0]), "seq_len": cfg.seq_len, "models": results}
     atomic_write_json(ctx.out_dir / RESULTS, metrics)
