@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -69,15 +70,29 @@ def _ray_available() -> bool:
     return True
 
 
-def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg: ClusterConfig,
-            num_cpus: float, threads: int, max_parallel: int | None, name: str,
-            bar: Any) -> list[T]:
+@contextmanager
+def ray_session(cluster_cfg: ClusterConfig) -> Iterator[None]:
+    """Ray for the duration of the block: joins a running Ray (this process already
+    initialised it, e.g. inside a stage task), else starts one from ``cluster_cfg`` and
+    shuts it down on exit."""
     import ray
 
     from recoup.cluster.runtime import start_ray
 
     started = start_ray(cluster_cfg)
     try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg: ClusterConfig,
+            num_cpus: float, threads: int, max_parallel: int | None, name: str,
+            bar: Any) -> list[T]:
+    import ray
+
+    with ray_session(cluster_cfg):
         remote: Any = ray.remote(_call_with_threads).options(
             num_cpus=num_cpus, max_retries=0, name=name
         )
@@ -102,9 +117,6 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
                     raise (e.cause if e.cause is not None else e) from None
                 bar.update(1)
         return [results[i] for i in range(len(items))]
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def map_layers(

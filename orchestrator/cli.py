@@ -7,12 +7,17 @@ sentence and exit non-zero; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from recoup.orchestrator.stage_logging import configure_console
+
+#: Modules that add further subcommands: each has ``register(subparsers)`` whose parsers set
+#: ``fn`` (args -> exit code), like ``run`` and ``status`` below.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -91,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--verify", action="store_true",
                     help="also check every output's sha256 (reads all files)")
     st.set_defaults(fn=cmd_status)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
