@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recoup.orchestrator.config import StrictModel
+
+
+class StageResources(StrictModel):
+    """What one single-task stage asks Ray for; an unset value falls back to the
+    cluster-wide ``stage_cpus`` / ``stage_gpus``."""
+
+    cpus: float | None = Field(None, gt=0, description="CPUs of the stage's task.")
+    gpus: float | None = Field(None, ge=0, description="GPUs of the stage's task.")
 
 
 class ClusterConfig(StrictModel):
@@ -21,7 +29,8 @@ class ClusterConfig(StrictModel):
     address: str | None = Field(
         None,
         description="Address of an existing Ray cluster (e.g. 'ray://head:10001' or 'auto'). "
-        "Unset: start an embedded local Ray bound to 127.0.0.1.",
+        "Unset: start an embedded local Ray bound to 127.0.0.1. `recoup submit` sets 'auto' "
+        "(the cluster the job runs on).",
     )
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the embedded local Ray (unset: all of this machine's)."
@@ -32,6 +41,32 @@ class ClusterConfig(StrictModel):
     stage_gpus: float = Field(
         0.0, ge=0, description="GPUs a single-task stage asks for (0 on CPU machines)."
     )
+    stages: dict[str, StageResources] = Field(
+        {},
+        description="Per-stage overrides of stage_cpus / stage_gpus for the stage's own task, "
+        "e.g. {prepare: {gpus: 0}, degrade: {gpus: 1}}. Pool and group stages size their "
+        "workers in their own section (collect.num_gpus_per_worker, train.engine.workers, "
+        "svd.cpus_per_task, select.cpus_per_task).",
+    )
     dashboard: bool = Field(
         False, description="Start Ray's dashboard (on 127.0.0.1) with the embedded local Ray."
     )
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        from recoup.orchestrator.stage import registered_stages
+
+        known = registered_stages()
+        unknown = sorted(set(v) - set(known)) if known else []
+        if unknown:
+            raise ValueError(f"unknown stage {', '.join(map(repr, unknown))}; known stages: "
+                             f"{', '.join(sorted(known))}")
+        return v
+
+    def resources_for(self, stage: str) -> tuple[float, float]:
+        """(CPUs, GPUs) the task of single-task stage ``stage`` asks for."""
+        own = self.stages.get(stage, StageResources())
+        cpus = own.cpus if own.cpus is not None else self.stage_cpus
+        gpus = own.gpus if own.gpus is not None else self.stage_gpus
+        return cpus, gpus

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from recoup.cluster.config import ClusterConfig
+from recoup.cluster.placement import DEFAULT_STRATEGY, Strategy, placement_problem
 from recoup.orchestrator.stage import Metrics, Resources, StageContext, StageSpec, run_stage_fn
 
 log = logging.getLogger("recoup.cluster")
@@ -42,6 +43,23 @@ def start_ray(cfg: ClusterConfig) -> bool:
     return True
 
 
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each alive node of the connected cluster."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_placement(bundles: list[dict[str, float]], what: str,
+                    strategy: Strategy = DEFAULT_STRATEGY) -> str | None:
+    """Warn (and return the sentence) when ``bundles`` cannot be placed on the nodes alive
+    now. Not an error: an autoscaling cluster adds nodes on demand; without one, Ray would
+    wait forever, and this line in the log says why."""
+    problem = placement_problem(cluster_nodes(), bundles, strategy)
+    if problem is not None:
+        log.warning("%s does not fit the nodes alive now: %s. It waits until the autoscaler "
+                    "adds nodes, or forever on a fixed cluster.", what, problem)
+    return problem
+
+
 def _run_stage(spec: StageSpec, ctx: StageContext) -> Metrics:
     # Runs on a Ray worker: torch's thread pool follows the CPUs Ray granted the task.
     return run_stage_fn(spec, ctx)
@@ -57,6 +75,7 @@ class RayExecutor:
 
     def execute(self, spec: StageSpec, ctx: StageContext, resources: Resources) -> Metrics:
         num_cpus = min(resources.num_cpus, self._cpu_cap)
+        check_placement([{"CPU": num_cpus, "GPU": resources.num_gpus}], f"stage {spec.name!r}")
         task: Any = ray.remote(_run_stage).options(
             num_cpus=num_cpus, num_gpus=resources.num_gpus, max_retries=0,
             name=f"recoup:{spec.name}",

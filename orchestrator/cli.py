@@ -17,7 +17,8 @@ from recoup.orchestrator.stage_logging import configure_console
 
 #: Modules that add further subcommands: each has ``register(subparsers)`` whose parsers set
 #: ``fn`` (args -> exit code), like ``run`` and ``status`` below.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("recoup.orchestrator.commands_report",
+                                    "recoup.orchestrator.commands_cluster")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stops filling a positional list at the first option, so collect the rest here.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        bad = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "run"]
+        bad = [e for e in extra
+               if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = [*args.overrides, *extra]
@@ -122,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"recoup: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"recoup: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailedError as e:
         if args.debug:

@@ -16,6 +16,7 @@ from recoup.stages.degrade import DegradeConfig
 from recoup.stages.evaluate import EvaluateConfig
 from recoup.stages.export import ExportConfig
 from recoup.stages.prepare import PrepareConfig
+from recoup.stages.report import ReportConfig
 from recoup.stages.select import SelectConfig
 from recoup.stages.svd import SvdConfig
 from recoup.stages.train import TrainConfig
@@ -72,3 +73,4 @@ class RunConfig(StrictModel):
     select: SelectConfig = SelectConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    report: ReportConfig = ReportConfig()

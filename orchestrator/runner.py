@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 import traceback
@@ -28,7 +29,7 @@ import yaml
 
 from recoup.orchestrator import store
 from recoup.orchestrator.config import diff_configs
-from recoup.orchestrator.lock import RunLock, holder_alive, read_holder
+from recoup.orchestrator.lock import RunLock, holder_alive
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.stage import (
     Executor,
@@ -45,6 +46,7 @@ log = logging.getLogger("recoup.runner")
 
 State = Literal["done", "stale", "pending", "failed", "running"]
 CONFIG_FILE = "config.yaml"
+KILL_AT_ENV = "RECOUP_KILL_AT"
 _VERSIONED = ("recoup", "torch", "transformers", "ray", "deepspeed", "peft", "pyarrow")
 
 
@@ -115,10 +117,20 @@ def _why_stale(plan_fp: str, spec: StageSpec, config: dict[str, Any], upstream: 
     return reasons
 
 
+def _marker_pid_alive(marker: Path) -> bool:
+    try:
+        return holder_alive(json.loads(marker.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, Any],
                  upstream: dict[str, str], verify: store.Verify,
                  upstream_ok: bool) -> StagePlan:
     base = {"spec": spec, "fingerprint": fp, "config": config, "upstream": upstream}
+    running = stage_dir / store.RUNNING
+    if running.exists() and _marker_pid_alive(running):
+        return StagePlan(**base, state="running")
     manifest: store.Manifest | None = None
     try:
         manifest = store.read_manifest(stage_dir)
@@ -137,11 +149,8 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
         else:
             reasons = _why_stale(fp, spec, config, upstream, manifest)
         return StagePlan(**base, state="stale", reasons=tuple(reasons), manifest=manifest)
-    running = stage_dir / store.RUNNING
     failed = stage_dir / store.FAILED
     if running.exists():
-        if holder_alive(read_holder(stage_dir.parent)):
-            return StagePlan(**base, state="running")
         return StagePlan(**base, state="failed",
                          reasons=("interrupted: the process running it died",))
     if failed.exists():
@@ -191,44 +200,78 @@ class RunOutcome:
     metrics: dict[str, Metrics] = field(default_factory=dict)
 
 
-def _prepare_stage_dir(spec: StageSpec, stage_dir: Path) -> None:
-    if spec.resumable:
-        store.remove_temporaries(stage_dir)
-    elif stage_dir.exists():
-        shutil.rmtree(stage_dir)
+def _start_stage(spec: StageSpec, stage_dir: Path) -> Path:
+    """Mark the stage running and return the folder it writes into.
+
+    Resumable (sharded) stages work in place, keeping finished shards across crashes. The
+    others write into a fresh staging folder that replaces the old outputs only once
+    complete, so a failed re-run (disk full, a bug, a kill) leaves the previous complete
+    state of the run intact.
+    """
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / store.MANIFEST).unlink(missing_ok=True)
     (stage_dir / store.FAILED).unlink(missing_ok=True)
     store.atomic_write_json(stage_dir / store.RUNNING,
                             {"pid": os.getpid(), "host": socket.gethostname(),
                              "since": time.time()})
+    if spec.resumable:
+        store.remove_temporaries(stage_dir)
+        (stage_dir / store.MANIFEST).unlink(missing_ok=True)
+        return stage_dir
+    work = stage_dir.with_name(f"{stage_dir.name}{store.TMP_MARK}staging")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    return work
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the reliability tests: ``RECOUP_KILL_AT=degrade:before-manifest``
+    SIGKILLs this process there, the worst moment for a crash (outputs written, manifest
+    not yet). Unset in normal use."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        log.warning("fault injection: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _record_failure(stage_dir: Path, work: Path, e: BaseException) -> None:
+    """Best effort: on a full disk even this small file may not fit."""
+    if work != stage_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        store.atomic_write_json(stage_dir / store.FAILED, {
+            "error": f"{type(e).__name__}: {e}", "at": time.time(),
+            "traceback": traceback.format_exc()[-4000:],
+        })
+    except OSError:
+        log.exception("could not record the failure of %s", stage_dir.name)
+    (stage_dir / store.RUNNING).unlink(missing_ok=True)
 
 
 def _execute(plan: StagePlan, cfg: RunConfig, executor: Executor,
              inputs: dict[str, Path], progress: bool) -> store.Manifest:
     spec = plan.spec
     stage_dir = cfg.run.dir / spec.name
-    _prepare_stage_dir(spec, stage_dir)
-    ctx = StageContext(name=spec.name, run_dir=cfg.run.dir, out_dir=stage_dir, inputs=inputs,
+    work = _start_stage(spec, stage_dir)
+    ctx = StageContext(name=spec.name, run_dir=cfg.run.dir, out_dir=work, inputs=inputs,
                        config=spec.config_of(cfg), run=cfg, progress=progress)
-    resources = Resources(num_cpus=cfg.cluster.stage_cpus, num_gpus=cfg.cluster.stage_gpus)
+    cpus, gpus = cfg.cluster.resources_for(spec.name)
+    resources = Resources(num_cpus=cpus, num_gpus=gpus)
     started = time.time()
     try:
         metrics = executor.execute(spec, ctx, resources)
+        _fault_point(f"{spec.name}:before-manifest")
+        manifest = store.Manifest(
+            stage=spec.name, version=spec.version, fingerprint=plan.fingerprint,
+            config=plan.config, upstream=plan.upstream, outputs=store.describe_outputs(work),
+            metrics=metrics or {}, started_at=started, finished_at=time.time(),
+            versions=_versions(),
+        )
+        store.write_manifest(work, manifest)
+        if work != stage_dir:
+            store.commit_path(work, stage_dir)
     except BaseException as e:
-        store.atomic_write_json(stage_dir / store.FAILED, {
-            "error": f"{type(e).__name__}: {e}", "at": time.time(),
-            "traceback": traceback.format_exc()[-4000:],
-        })
-        (stage_dir / store.RUNNING).unlink(missing_ok=True)
+        _record_failure(stage_dir, work, e)
         raise StageFailedError(spec.name, e) from e
-    manifest = store.Manifest(
-        stage=spec.name, version=spec.version, fingerprint=plan.fingerprint,
-        config=plan.config, upstream=plan.upstream, outputs=store.describe_outputs(stage_dir),
-        metrics=metrics or {}, started_at=started, finished_at=time.time(),
-        versions=_versions(),
-    )
-    store.write_manifest(stage_dir, manifest)
     (stage_dir / store.RUNNING).unlink(missing_ok=True)
     return manifest
 

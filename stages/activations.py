@@ -34,6 +34,14 @@ ACTS_DIR = "acts"
 SHARDS_DIR = "shards"
 _PA_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+#: Activations are all distinct floats: a dictionary page (Parquet's default) makes the file
+#: 1.5x the raw bytes and the write 100x slower. Byte-stream-split + zstd stores them in
+#: about 0.91x (float32) / 0.95x (float16) of the raw bytes, at memcpy-like speed.
+_WRITE_OPTIONS: dict[str, object] = {
+    "use_dictionary": ["sample_id", "view"],
+    "compression": "zstd",
+    "column_encoding": {"act.list.element": "BYTE_STREAM_SPLIT"},
+}
 
 
 def layer_dir(root: Path, layer: int) -> Path:
@@ -68,7 +76,7 @@ def write_layer_shard(path: Path, sample_ids: list[str], views: list[str], acts:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, **_WRITE_OPTIONS)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

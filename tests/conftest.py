@@ -28,13 +28,15 @@ def data_dir() -> Path:
 
 
 def tiny_config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> RunConfig:
-    """A run config for the random tiny Llama, in-process, small evaluation windows."""
+    """A run config for the random tiny Llama, in-process, small evaluation windows, no
+    zero-shot tasks (tests of zero-shot evaluation set ``evaluate.zeroshot`` themselves)."""
     data: dict[str, Any] = {
         "run": {"dir": str(run_dir), "data_dir": str(data_dir)},
         "cluster": {"mode": "inprocess"},
         "prepare": {"source": "tiny-llama"},
         "degrade": {"method": "magnitude", "sparsity": 0.5},
-        "evaluate": {"seq_len": 64, "max_windows": 4, "batch_size": 2},
+        "evaluate": {"seq_len": 64, "max_windows": 4, "batch_size": 2,
+                     "zeroshot": {"tasks": []}},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}

@@ -1,0 +1,123 @@
+"""The training engine's typed settings and the DeepSpeed config built from them.
+
+Kept apart from :mod:`recoup.cluster.train` so that reading a run config imports neither
+Ray nor DeepSpeed. Everything here is pure: config in, dict or number out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from recoup.orchestrator.config import StrictModel
+
+_NEVER_PRINT = 2**31 - 1
+"""DeepSpeed's ``steps_per_print``: recoup logs steps itself (log.jsonl and a bar)."""
+
+
+class EngineConfig(StrictModel):
+    """How recovery training runs: workers, ZeRO, batch, optimiser, schedule, checkpoints."""
+
+    workers: int = Field(
+        2, ge=1,
+        description="Ray Train workers (one per GPU on a GPU cluster). cluster.mode "
+        "'inprocess' runs exactly one, in this process.",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker asks for.")
+    zero_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also "
+        "the (frozen) base weights."
+    )
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: keep optimizer state and step on the CPU."
+    )
+    offload_params: bool = Field(
+        False, description="ZeRO-3 only: keep the partitioned parameters on the CPU."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 on GPU, fp32 on CPU (gloo)."
+    )
+    micro_batch: int = Field(4, ge=1, description="Samples per worker per forward pass.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches accumulated per optimizer step."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup steps; the first step already uses lr/warmup_steps."
+    )
+    schedule: Literal["constant", "linear"] = Field(
+        "constant", description="After warmup: keep the peak lr, or decay it linearly to ~0."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping; 0 turns it off.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a DeepSpeed checkpoint every this many optimizer steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest ones).")
+    seed: int = Field(0, description="Seed of the trainable init, the data order and dropout.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        return self
+
+
+def use_bf16(cfg: EngineConfig, device_type: str) -> bool:
+    """bf16 when asked, or on GPU under 'auto'; CPU runs (gloo) stay in fp32."""
+    if cfg.precision == "auto":
+        return device_type == "cuda"
+    return cfg.precision == "bf16"
+
+
+def deepspeed_config(cfg: EngineConfig, *, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel workers.
+
+    The optimizer (torch AdamW) and the LR schedule (:func:`lr_factor`) are passed to
+    ``deepspeed.initialize`` as client objects, not named here: DeepSpeed's own Adam needs a
+    compiled op, and its WarmupLR floors warmup at 2 steps and spends the first steps at the
+    minimum lr, which makes "warmup_steps" mean something else than it says. ZeRO therefore
+    has to be told that a client optimizer is fine, also with offload.
+    """
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": _NEVER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr used by optimizer step ``step`` (0-based).
+
+    Warmup: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, so no step
+    runs at lr 0. Then 1 ('constant') or a linear decay ``(total - step) / (total - warmup)``
+    that reaches ``1 / (total - warmup)`` at the last step ('linear').
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    raise ValueError(f"unknown lr schedule {schedule!r}; use constant or linear")
+
+
+__all__ = ("EngineConfig", "deepspeed_config", "lr_factor", "use_bf16")

@@ -1,0 +1,337 @@
+"""collect: the o_proj inputs of every layer for four views of every sample, into Parquet.
+
+Views (:data:`recoup.stages.activations.VIEWS`): dense(q), dense(q + r+), dense(q + r-),
+degraded(q), with q, r+, r- from the data stage's triplets. Each view's row per layer is
+taken at the token(s) ``collect.position`` names (:mod:`recoup.stages.capture`).
+
+Samples are cut into shards of ``samples_per_shard`` in ``triplets.parquet`` order; a pool
+of workers (:func:`recoup.cluster.pool.run_shards`: Ray actors, or one in-process worker)
+loads both models once each and processes shards. A shard writes one Parquet file per layer
+through temporary names, then its marker; see :mod:`recoup.stages.activations` for the
+layout. The stage is resumable: a shard whose marker exists *and carries this run's shard
+key* is kept, everything else in the folder is deleted and recomputed. The key hashes what
+changes the numbers (batching, padding, position, dtype, shard size, device kind, and the
+upstream stages' fingerprints), so a shard from another config is never mixed in, while a
+change of worker count reuses every finished shard.
+
+Over-long inputs: the data stage keeps only samples whose prompt + own response fit in
+``data.max_length`` tokens; q + r- (another sample's response) may not, and its response
+tail is cut to fit. The prompt is never cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from recoup.orchestrator import store
+from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.stage import Metrics, StageContext, register_stage
+from recoup.stages import activations, capture, modelio
+from recoup.stages import data as data_stage
+from recoup.stages.capture import PaddingSide, Position, TokenSeq
+from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.triplets import Triplet, read_parquet
+
+log = logging.getLogger("recoup.collect")
+
+#: which model computes each view
+VIEW_MODEL = {"dense_q": "dense", "dense_pos": "dense", "dense_neg": "dense",
+              "degraded_q": "degraded"}
+_ITEMSIZE = {"float16": 2, "float32": 4}
+
+
+class CollectConfig(StrictModel):
+    workers: int = Field(1, ge=1, description="Pool workers; each loads both models once.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    dtype: Literal["float16", "float32"] = Field(
+        "float32", description="Stored activation dtype; float16 halves the disk for 13B+.")
+    position: Position = Field(
+        "last_token",
+        description="'last_token': each view's last token (q views: the last prompt token; "
+        "q+r views: the last response token); 'mean_response': the mean over the response "
+        "tokens (q views: their last token).",
+    )
+    padding_side: PaddingSide = Field(
+        "right", description="Side padded in a batch; results do not depend on it.")
+    samples_per_shard: int = Field(
+        64, ge=1, description="Samples per shard: the unit of work, retry and resume.")
+    num_gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per worker (Ray); above 1 the models span several GPUs.")
+    num_cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per worker (Ray); unset: the cluster's CPUs / workers.")
+    max_retries: int = Field(
+        2, ge=0, description="Restarts of a dead worker process, and retries of its shards.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectJob:
+    """Everything a collect worker needs, picklable: it travels to every Ray actor."""
+
+    dense_dir: Path
+    degraded_dir: Path
+    model_dtype: str
+    triplets_path: Path
+    out_dir: Path
+    num_samples: int
+    samples_per_shard: int
+    max_length: int
+    batch_size: int
+    act_dtype: Literal["float16", "float32"]
+    position: Position
+    padding_side: PaddingSide
+    #: torch device of a worker without GPUs; workers granted GPUs use "cuda"
+    device: str
+    num_gpus_per_worker: float
+    #: identifies what a shard's numbers depend on; a marker with another key is stale
+    key: str
+    #: test hook: the first worker to find this file deletes it and kills its own process
+    #: right after writing its first layer file (to exercise recovery); never set in runs
+    crash_file: Path | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.samples_per_shard)
+
+    def shard_slice(self, shard: int) -> slice:
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
+        start = shard * self.samples_per_shard
+        return slice(start, min(start + self.samples_per_shard, self.num_samples))
+
+
+def activation_bytes_per_sample(card: modelio.ModelCard, dtype: str) -> int:
+    """Raw activation bytes one sample adds: layers x heads x d_head x views x itemsize."""
+    return card.layers * card.heads * card.d_head * len(activations.VIEWS) * _ITEMSIZE[dtype]
+
+
+def view_sequences(tokenizer: Any, t: Triplet, max_length: int) -> dict[str, TokenSeq]:
+    """The four model inputs of a triplet, in :data:`activations.VIEWS` order."""
+    q = data_stage.tokenize_sample(tokenizer, t.prompt, "", max_length)
+    pos = data_stage.tokenize_sample(tokenizer, t.prompt, t.positive, max_length)
+    neg = data_stage.tokenize_sample(tokenizer, t.prompt, t.negative, max_length)
+    return {"dense_q": q, "dense_pos": pos, "dense_neg": neg, "degraded_q": q}
+
+
+def padded_tokens(lengths: list[int], batch_size: int) -> int:
+    """Tokens the forward passes process, padding included, under :func:`plan_batches`."""
+    return sum(len(b) * max(lengths[i] for i in b)
+               for b in capture.plan_batches(lengths, batch_size))
+
+
+def _load_model(folder: Path, dtype: torch.dtype, device: str, num_gpus: float) -> Any:
+    if num_gpus > 1:
+        # One worker, several GPUs: accelerate places the layers across what Ray granted.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto",
+                                                     use_safetensors=True)
+        return model.eval()
+    return modelio.load_model(folder, dtype, device)
+
+
+class CollectWorker:
+    """Loads the dense and degraded models once, then computes shards (a pool worker)."""
+
+    def __init__(self, job: CollectJob) -> None:
+        self.job = job
+        device = "cuda" if job.num_gpus_per_worker > 0 else job.device
+        dtype = modelio.DTYPES[job.model_dtype]
+        self.tokenizer = modelio.load_tokenizer(job.dense_dir)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        self.triplets = read_parquet(job.triplets_path, Triplet)
+        if len(self.triplets) != job.num_samples:
+            raise ValueError(f"{job.triplets_path} has {len(self.triplets)} triplets, the job "
+                             f"expects {job.num_samples}")
+        self.models = {
+            "dense": _load_model(job.dense_dir, dtype, device, job.num_gpus_per_worker),
+            "degraded": _load_model(job.degraded_dir, dtype, device, job.num_gpus_per_worker),
+        }
+
+    def compute(self, rows: list[Triplet]) -> tuple[torch.Tensor, dict[str, int]]:
+        """Activations of ``rows``: (L, len(VIEWS) * n, H * d_head), view-major rows."""
+        job = self.job
+        per_sample = [view_sequences(self.tokenizer, t, job.max_length) for t in rows]
+        n = len(rows)
+        parts: dict[str, torch.Tensor] = {}
+        counts = {"tokens": 0, "padded_tokens": 0}
+        for model_name, model in self.models.items():
+            views = [v for v in activations.VIEWS if VIEW_MODEL[v] == model_name]
+            seqs = [s[v] for v in views for s in per_sample]  # view-major
+            lengths = [len(s.ids) for s in seqs]
+            counts["tokens"] += sum(lengths)
+            counts["padded_tokens"] += padded_tokens(lengths, job.batch_size)
+            acts = capture.capture_sequences(
+                model, seqs, batch_size=job.batch_size, pad_id=self.pad_id,
+                padding_side=job.padding_side, position=job.position,
+            )  # (L, len(views) * n, W)
+            for i, v in enumerate(views):
+                parts[v] = acts[:, i * n:(i + 1) * n]
+        return torch.cat([parts[v] for v in activations.VIEWS], dim=1), counts
+
+    def run_shard(self, shard: int) -> dict[str, Any]:
+        job = self.job
+        started = time.time()
+        rows = self.triplets[job.shard_slice(shard)]
+        acts, counts = self.compute(rows)  # (L, 4 * n, W)
+        ids = [t.id for _ in activations.VIEWS for t in rows]
+        views = [v for v in activations.VIEWS for _ in rows]
+        for layer in range(acts.shape[0]):
+            activations.write_layer_shard(activations.shard_file(job.out_dir, layer, shard),
+                                          ids, views, acts[layer], job.act_dtype)
+            if layer == 0:
+                self._maybe_crash()
+        info = {"key": job.key, "shard": shard, "samples": len(rows), "rows": len(ids),
+                "layers": int(acts.shape[0]), "first_id": rows[0].id, "last_id": rows[-1].id,
+                **counts, "started": started, "finished": time.time()}
+        activations.mark_shard_done(job.out_dir, shard, info)
+        return info
+
+    def _maybe_crash(self) -> None:
+        if self.job.crash_file is None:
+            return
+        try:
+            os.unlink(self.job.crash_file)  # only one worker wins the file
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
+def shard_key(cfg: CollectConfig, *, device: str, upstream: Mapping[str, str]) -> str:
+    """What a shard's numbers depend on; not the worker count, retries or CPU split."""
+    payload = {
+        "batch_size": cfg.batch_size, "dtype": cfg.dtype, "position": cfg.position,
+        "padding_side": cfg.padding_side, "samples_per_shard": cfg.samples_per_shard,
+        "device": "cuda" if cfg.num_gpus_per_worker > 0 else torch.device(device).type,
+        "upstream": dict(sorted(upstream.items())),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_marker(root: Path, shard: int) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(activations.marker_file(root, shard).read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def reusable_shards(job: CollectJob, layers: int) -> set[int]:
+    """Finished shards of this job; every other file in the folder is deleted.
+
+    A shard is reused when its marker carries ``job.key`` and all its layer files exist.
+    Files of other shards (unmarked: a killed writer; other key: another config; beyond the
+    shard count: a larger earlier run) go, so the finished folder holds this run's data only.
+    """
+    root = job.out_dir
+    keep = set()
+    for shard in activations.done_shards(root):
+        marker = _read_marker(root, shard)
+        files = [activations.shard_file(root, layer, shard) for layer in range(layers)]
+        if (shard < job.num_shards and marker is not None and marker.get("key") == job.key
+                and marker.get("layers") == layers and all(f.is_file() for f in files)):
+            keep.add(shard)
+    wanted = {activations.marker_file(root, s) for s in keep}
+    wanted |= {activations.shard_file(root, layer, s) for s in keep for layer in range(layers)}
+    for sub in (activations.SHARDS_DIR, activations.ACTS_DIR):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_file() and p not in wanted:
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return keep
+
+
+def describe_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def run_collect(job: CollectJob, cfg: CollectConfig, cluster_cfg: Any, *,
+                card: modelio.ModelCard, progress: bool = True) -> Metrics:
+    """Compute every shard of ``job`` that is not finished yet; return the stage metrics."""
+    from recoup.cluster.pool import run_shards  # the pool imports Ray lazily
+
+    per_sample = activation_bytes_per_sample(card, cfg.dtype)
+    message = (f"collect: {job.num_samples} samples x {len(activations.VIEWS)} views x "
+               f"{card.layers} layers x {card.heads} heads x {card.d_head} ({cfg.dtype}) = "
+               f"{describe_bytes(per_sample)} of activations per sample, "
+               f"{describe_bytes(per_sample * job.num_samples)} in all")
+    log.info(message)
+    print(message, flush=True)
+    started = time.time()
+    keep = reusable_shards(job, card.layers)
+    todo = [s for s in range(job.num_shards) if s not in keep]
+    if keep:
+        log.info("collect: reusing %d finished shards, computing %d", len(keep), len(todo))
+    results = run_shards(
+        CollectWorker, (job,), todo, cluster_cfg, num_workers=cfg.workers,
+        num_cpus_per_worker=cfg.num_cpus_per_worker,
+        num_gpus_per_worker=cfg.num_gpus_per_worker, max_retries=cfg.max_retries,
+        desc="collect", progress=progress,
+    )
+    store.remove_temporaries(job.out_dir)  # left by workers that died mid-write
+    missing = [s for s in range(job.num_shards) if s not in activations.done_shards(job.out_dir)]
+    if missing:
+        raise RuntimeError(f"collect finished without the markers of shards {missing}")
+    seconds = time.time() - started
+    tokens = sum(r["tokens"] for r in results.values())
+    return {
+        "samples": job.num_samples, "shards": job.num_shards, "shards_computed": len(todo),
+        "shards_reused": len(keep), "layers": card.layers, "width": card.heads * card.d_head,
+        "views": list(activations.VIEWS), "dtype": cfg.dtype, "position": cfg.position,
+        "activation_bytes_per_sample": per_sample,
+        "activation_bytes": per_sample * job.num_samples,
+        "tokens": tokens,
+        "padded_tokens": sum(r["padded_tokens"] for r in results.values()),
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "seconds": seconds, "shard_key": job.key,
+    }
+
+
+def _summary(m: Metrics) -> str:
+    return (f"{m['samples']} samples, {m['shards']} shards ({m['shards_reused']} reused), "
+            f"{describe_bytes(m['activation_bytes_per_sample'])}/sample, "
+            f"{m['tokens_per_s']:.0f} tok/s")
+
+
+@register_stage(name="collect", version=1, requires=("prepare", "degrade", "data"),
+                resumable=True, summarize=_summary)
+def collect(ctx: StageContext) -> Metrics:
+    cfg: CollectConfig = ctx.config
+    prepared, data_dir = ctx.input("prepare"), ctx.input("data")
+    card = modelio.ModelCard.read(prepared / CARD)
+    info = data_stage.read_info(data_dir)
+    if not info["triplets"]:
+        raise ValueError("collect needs the data stage's triplets; set data.triplets: true")
+    upstream = {name: store.read_manifest(ctx.input(name)).fingerprint
+                for name in ("prepare", "degrade", "data")}
+    job = CollectJob(
+        dense_dir=prepared / MODEL_DIR, degraded_dir=ctx.input("degrade") / MODEL_DIR,
+        model_dtype=card.dtype, triplets_path=data_dir / data_stage.TRIPLETS,
+        out_dir=ctx.out_dir, num_samples=int(info["samples"]),
+        samples_per_shard=cfg.samples_per_shard, max_length=int(info["max_length"]),
+        batch_size=cfg.batch_size, act_dtype=cfg.dtype, position=cfg.position,
+        padding_side=cfg.padding_side, device=ctx.run.run.device,
+        # in-process there is no GPU grant: run.device decides
+        num_gpus_per_worker=cfg.num_gpus_per_worker if ctx.run.cluster.mode == "ray" else 0.0,
+        key=shard_key(cfg, device=ctx.run.run.device, upstream=upstream),
+    )
+    return run_collect(job, cfg, ctx.run.cluster, card=card, progress=ctx.progress)

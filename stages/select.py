@@ -1,0 +1,303 @@
+"""select: score every (layer, head) and choose the heads to compensate.
+
+The selectors of :mod:`recoup.stages.lcc_math` (``probe``, the paper's contrastive probe;
+``mse``, ``random``, ``all`` for ablations) score one layer from that layer's activations
+and SVD alone, so they run as one Ray task per layer
+(:func:`recoup.cluster.tasks.map_layers`) and give the same scores for any number of
+workers. Heads are named by (layer, head) throughout, never by a flat index.
+
+The ``kl`` selector is implemented here because it needs the models: a head's score is how
+much the mean token KL(dense || degraded) on a few calibration windows drops when that
+head's mean lost component ``c`` (from the collected activations and the SVD, top
+``selector.top_k_directions`` directions) is added to the degraded model's ``o_proj`` input
+at every token. The per-layer tasks compute the ``c`` vectors; the forwards run in this
+process. Cost: one dense and one degraded forward over the windows for the baseline, then
+``n_layers * n_heads * windows`` degraded sequences of ``seq_len`` tokens, batched
+``kl.batch_size`` sequences per forward (heads whose ``c`` is exactly zero are skipped:
+their drop is 0). For SmolLM2-135M (270 heads) with the defaults (4 windows of 64 tokens)
+that is 1080 sequences, a few minutes on a 2-core CPU.
+
+Outputs: ``heads.json`` (``method``, ``chosen`` as ``[[layer, head], ...]`` best first,
+``scores`` as ``[{"layer", "head", "score"}, ...]``) and ``scores.png``, a layers x heads
+heat map with the chosen heads outlined.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from recoup.cluster.tasks import map_layers
+from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.stage import Metrics, StageContext, register_stage
+from recoup.orchestrator.store import atomic_write_json
+from recoup.stages import activations, heatmap, lcc_math, lm_metrics, modelio
+from recoup.stages.calibration import CalibrationConfig, calibration_ids
+from recoup.stages.datasources import AlpacaSourceConfig
+from recoup.stages.lcc_math import HeadId, HeadScores, LayerInputs, SelectorConfig
+from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.svd import check_width, load_aligned, read_svd_layer
+
+HEADS = "heads.json"
+PLOT = "scores.png"
+SELECT_VIEWS = ("dense_q", "degraded_q", "dense_pos", "dense_neg")
+KL_METHOD = "kl"
+DEFAULT_KL_RECORDS = 256
+"""Alpaca records the kl calibration text is cut from: plenty for a few windows, and
+tokenizing them takes a moment instead of the whole 52k-record file."""
+TOP_IN_METRICS = 10
+"""Best heads listed in the manifest metrics (all of them are in heads.json)."""
+
+
+class KlConfig(StrictModel):
+    """Calibration windows and batching of the ``kl`` selector (unused by the others)."""
+
+    calibration: CalibrationConfig = Field(
+        CalibrationConfig(
+            data=AlpacaSourceConfig(path=Path("alpaca/train.jsonl"),
+                                    num_samples=DEFAULT_KL_RECORDS),
+            num_samples=4, seq_len=64,
+        ),
+        description="Text windows the KL is measured on (num_samples windows of seq_len "
+        "tokens); cost grows with n_heads_total * num_samples * seq_len.",
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Sequences (head, window pairs) per degraded-model forward."
+    )
+
+
+class SelectConfig(StrictModel):
+    """The head selector and how its per-layer tasks run."""
+
+    selector: SelectorConfig = Field(
+        SelectorConfig(), description="Selector method, its parameters, and how many heads."
+    )
+    kl: KlConfig = Field(KlConfig(), description="Settings of the 'kl' selector.")
+    workers: int | None = Field(
+        None, ge=1,
+        description="Most layer tasks in flight at once; unset: all layers. No effect with "
+        "cluster.mode=inprocess. The scores do not depend on it.",
+    )
+    cpus_per_task: float = Field(
+        1.0, gt=0,
+        description="CPUs each layer task asks Ray for; also its torch thread count.",
+    )
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+def layer_inputs(collect_dir: Path, svd_dir: Path, layer: int, n_heads: int, d_head: int,
+                 shards: tuple[int, ...] | None) -> LayerInputs:
+    """One layer's activations, split per head, with its SVD: what a selector reads."""
+    _, views = load_aligned(collect_dir, layer, SELECT_VIEWS, shards)
+    check_width(views["dense_q"], layer, n_heads, d_head)
+    V, S = read_svd_layer(svd_dir, layer)
+    heads = {v: lcc_math.split_heads(z, n_heads) for v, z in views.items()}  # (N, H, d_head)
+    return LayerInputs(layer=layer, z_dense_q=heads["dense_q"],
+                       z_degraded_q=heads["degraded_q"], z_dense_pos=heads["dense_pos"],
+                       z_dense_neg=heads["dense_neg"], V=V, S=S)
+
+
+def score_layer_task(collect_dir: Path, svd_dir: Path, layer: int, n_heads: int, d_head: int,
+                     shards: tuple[int, ...] | None, cfg: SelectorConfig) -> torch.Tensor:
+    """Scores (n_heads,) of one layer's heads under a registered selector (a Ray task)."""
+    inputs = layer_inputs(collect_dir, svd_dir, layer, n_heads, d_head, shards)
+    return lcc_math.score_layer(inputs, cfg)
+
+
+def lost_components(inputs: LayerInputs, k: int) -> torch.Tensor:
+    """(n_heads, d_head) float64: each head's mean lost component over its top-k directions."""
+    return torch.stack([
+        lcc_math.lost_component(inputs.delta(h), inputs.V[h].to(torch.float64),
+                                inputs.S[h].to(torch.float64), k)
+        for h in range(inputs.n_heads)
+    ])
+
+
+def components_task(collect_dir: Path, svd_dir: Path, layer: int, n_heads: int, d_head: int,
+                    shards: tuple[int, ...] | None, k: int) -> torch.Tensor:
+    """(n_heads, d_head) lost components of one layer (a Ray task, for the kl selector)."""
+    inputs = layer_inputs(collect_dir, svd_dir, layer, n_heads, d_head, shards)
+    return lost_components(inputs, k)
+
+
+# --------------------------------------------------------------------------- kl
+
+
+class _Injector:
+    """A forward pre-hook that adds a per-sequence vector to ``o_proj``'s input.
+
+    ``add`` is (B, n_heads * d_head): row ``b`` is added at every token of sequence ``b``.
+    """
+
+    def __init__(self) -> None:
+        self.add: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if self.add is None:
+            return None
+        x = args[0]  # (B, T, n_heads * d_head)
+        return (x + self.add[:, None, :].to(x.dtype), *args[1:])
+
+
+def _decoder_layers(model: Any) -> Sequence[Any]:
+    return model.model.layers
+
+
+def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows: torch.Tensor,
+                   *, batch_size: int, device: torch.device,
+                   progress: bool = False) -> tuple[torch.Tensor, float, int]:
+    """Drop of mean token KL(dense || degraded) when one head's ``c`` is injected.
+
+    ``components`` is (n_layers, n_heads, d_head); ``windows`` (W, T) token ids. Returns
+    (scores (n_layers, n_heads) float64, the baseline KL, the sequences run). Score =
+    baseline KL - KL with ``c`` added to that head's slice of ``o_proj``'s input in that
+    layer at every token: positive when compensating the head brings the degraded model
+    closer to the dense one. A head whose ``c`` is exactly zero scores exactly 0 without
+    a forward. (head, window) pairs of one layer are batched ``batch_size`` at a time.
+    """
+    n_layers, n_heads, d_head = components.shape
+    n_win, seq_len = windows.shape
+    layers = _decoder_layers(degraded)
+    if len(layers) != n_layers:
+        raise ValueError(f"components cover {n_layers} layers, the model has {len(layers)}")
+    tokens = n_win * seq_len
+    ref: list[torch.Tensor] = []
+    base = 0.0
+    with torch.inference_mode():
+        for start in range(0, n_win, batch_size):
+            batch = windows[start:start + batch_size].to(device)  # (B, T)
+            logp = torch.log_softmax(dense(batch).logits.float(), dim=-1)  # (B, T, V)
+            ref.append(logp)
+            base += float(lm_metrics.token_kl(logp, degraded(batch).logits).double().sum())
+    ref_logp = torch.cat(ref)  # (W, T, V); log_softmax of log-probs is itself, so token_kl
+    base /= tokens             # takes them as the teacher's logits
+    scores = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    injector = _Injector()
+    sequences = 0
+    todo = [(layer, h) for layer in range(n_layers) for h in range(n_heads)
+            if bool(components[layer, h].any())]
+    bar = tqdm(total=len(todo), desc="kl heads", unit="head", disable=not progress)
+    for layer in range(n_layers):
+        heads = [h for lay, h in todo if lay == layer]
+        if not heads:
+            continue
+        pairs = [(h, w) for h in heads for w in range(n_win)]
+        kl_sum = torch.zeros(n_heads, dtype=torch.float64)
+        handle = layers[layer].self_attn.o_proj.register_forward_pre_hook(injector)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(pairs), batch_size):
+                    chunk = pairs[start:start + batch_size]
+                    head_idx = torch.tensor([h for h, _ in chunk])
+                    win_idx = torch.tensor([w for _, w in chunk])
+                    add = torch.zeros(len(chunk), n_heads, d_head, dtype=torch.float32)
+                    add[torch.arange(len(chunk)), head_idx] = components[layer, head_idx].float()
+                    injector.add = add.reshape(len(chunk), n_heads * d_head).to(device)
+                    logits = degraded(windows[win_idx].to(device)).logits  # (B, T, V)
+                    kl = lm_metrics.token_kl(ref_logp[win_idx.to(ref_logp.device)], logits)
+                    kl_sum.index_add_(0, head_idx, kl.double().sum(dim=1).cpu())
+                    sequences += len(chunk)
+        finally:
+            injector.add = None
+            handle.remove()
+        for h in heads:
+            scores[layer, h] = base - float(kl_sum[h]) / tokens
+        bar.update(len(heads))
+    bar.close()
+    return scores, base, sequences
+
+
+def _kl_scores(ctx: StageContext, cfg: SelectConfig, card: modelio.ModelCard,
+               components: torch.Tensor) -> tuple[HeadScores, Metrics]:
+    device = torch.device(ctx.run.run.device)
+    dtype = modelio.DTYPES[card.dtype]
+    dense_dir = ctx.input("prepare") / MODEL_DIR
+    tokenizer = modelio.load_tokenizer(dense_dir)
+    windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.run.run.resolved_data_dir(),
+                              max_positions=card.max_positions)  # (W, T)
+    dense = modelio.load_model(dense_dir, dtype, str(device))
+    degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, str(device))
+    modelio.check_same_architecture(dense, degraded, "select (kl): the degraded model")
+    t0 = time.perf_counter()
+    scores, base, sequences = kl_head_scores(
+        dense, degraded, components, windows, batch_size=cfg.kl.batch_size, device=device,
+        progress=ctx.progress,
+    )
+    info = {"kl_base": base, "kl_sequences": sequences, "kl_seconds": time.perf_counter() - t0,
+            "kl_windows": int(windows.shape[0]), "kl_seq_len": int(windows.shape[1])}
+    return HeadScores(scores), info
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def heads_record(method: str, scores: HeadScores, chosen: Sequence[HeadId]) -> dict[str, Any]:
+    """The ``heads.json`` document (format in docs/architecture.md)."""
+    return {"method": method, "chosen": [[int(layer), int(h)] for layer, h in chosen],
+            "scores": scores.to_records()}
+
+
+def read_heads(select_dir: Path) -> tuple[str, list[HeadId], HeadScores]:
+    """(method, chosen heads best first, scores) from a select stage folder."""
+    doc = json.loads((select_dir / HEADS).read_text())
+    chosen = [(int(layer), int(h)) for layer, h in doc["chosen"]]
+    return doc["method"], chosen, HeadScores.from_records(doc["scores"])
+
+
+def _summary(m: Metrics) -> str:
+    best = m["top"][0] if m["top"] else None
+    text = f"{m['method']}: {m['n_chosen']} of {m['n_layers'] * m['n_heads']} heads"
+    if best is not None:
+        text += f", best ({best['layer']},{best['head']}) {best['score']:.3f}"
+    return text
+
+
+@register_stage(name="select", version=1, requires=("prepare", "degrade", "collect", "svd"),
+                summarize=_summary)
+def select(ctx: StageContext) -> Metrics:
+    cfg: SelectConfig = ctx.config
+    sel = cfg.selector
+    card = modelio.ModelCard.read(ctx.input("prepare") / CARD)
+    collect_dir, svd_dir = ctx.input("collect"), ctx.input("svd")
+    shards = tuple(sorted(activations.done_shards(collect_dir)))
+    if not shards:
+        raise FileNotFoundError(f"no complete activation shards in {collect_dir}")
+    common = [(collect_dir, svd_dir, layer, card.heads, card.d_head, shards)
+              for layer in range(card.layers)]
+    t0 = time.perf_counter()
+    extra: Metrics = {}
+    if sel.method == KL_METHOD:
+        comps = map_layers(components_task, [(*a, sel.top_k_directions) for a in common],
+                           ctx.run.cluster, num_cpus_per_task=cfg.cpus_per_task,
+                           max_parallel=cfg.workers, desc="select c", progress=ctx.progress)
+        scores, extra = _kl_scores(ctx, cfg, card, torch.stack(comps))  # (L, H, d_head)
+    else:
+        per_layer = map_layers(score_layer_task, [(*a, sel) for a in common], ctx.run.cluster,
+                               num_cpus_per_task=cfg.cpus_per_task, max_parallel=cfg.workers,
+                               desc=f"select {sel.method}", progress=ctx.progress)
+        scores = lcc_math.assemble_scores(dict(enumerate(per_layer)), card.layers)
+    wall = time.perf_counter() - t0
+    chosen = sel.choose(scores)
+    atomic_write_json(ctx.out_dir / HEADS, heads_record(sel.method, scores, chosen))
+    heatmap.plot_head_scores(
+        scores.scores, chosen, ctx.out_dir / PLOT,
+        title=f"{sel.method} scores, {len(chosen)} chosen heads outlined",
+    )
+    values = scores.scores
+    return {
+        "method": sel.method, "n_layers": scores.n_layers, "n_heads": scores.n_heads,
+        "n_chosen": len(chosen), "chosen": [[layer, h] for layer, h in chosen],
+        "top": [{"layer": layer, "head": h, "score": scores.score((layer, h))}
+                for layer, h in scores.ranked()[:TOP_IN_METRICS]],
+        "score_min": float(values.min()), "score_max": float(values.max()),
+        "score_mean": float(values.mean()), "wall_seconds": wall, **extra,
+    }

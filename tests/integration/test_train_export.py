@@ -1,0 +1,370 @@
+"""Recovery training and export on the tiny random Llama, end to end on CPU.
+
+The upstream folders are built once per module: prepare and degrade through the real
+runner, and the data / svd / select outputs written by hand in their documented formats
+(samples.parquet from the Alpaca file; V from ``svd_directions`` of random deltas; chosen
+heads listed), so these tests exercise train and export only. The stage functions are
+called with a real :class:`RunConfig` and :class:`StageContext`, as the runner would.
+
+DeepSpeed runs on its CPU accelerator with gloo: in-process (world size 1) for most tests,
+and with 2 Ray Train workers under ZeRO-3 in one default test (ZeRO-2 in a slow one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from recoup.cluster.train import CHECKPOINTS, LOG, TrainingStopped, read_log, run_training
+from recoup.orchestrator.runconfig import RunConfig
+from recoup.orchestrator.runner import run_pipeline
+from recoup.orchestrator.stage import Metrics, StageContext
+from recoup.stages import activations, lcc_math, modelio
+from recoup.stages.compensation import Compensation, attach
+from recoup.stages.datasources import AlpacaSourceConfig, load_samples
+from recoup.stages.degrade import MASKS
+from recoup.stages.export import ADAPTER_DIR, export_stage, merge_lora
+from recoup.stages.losses import response_cross_entropy
+from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.recovery import LCC_FILE, LORA_DIR, build_task, collate
+from recoup.stages.train import PARAMS_DIR, build_job, train_stage
+from recoup.stages.triplets import write_parquet
+from tests.conftest import REPO, tiny_config
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+CHOSEN = [[0, 1], [1, 0], [1, 3]]
+N_SAMPLES = 12
+N_COLLECTED = 24
+ENGINE = {"micro_batch": 2, "grad_accum": 2, "steps": 6, "lr": 1e-2, "warmup_steps": 1,
+          "checkpoint_every": 2, "workers": 2}
+TRAIN = {"max_seq_len": 320, "max_samples": N_SAMPLES,
+         "lora": {"layers": [1], "rank": 4, "alpha": 8.0}}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    root: Path
+    data_dir: Path
+
+    @property
+    def inputs(self) -> dict[str, Path]:
+        return {n: self.root / n
+                for n in ("prepare", "degrade", "data", "collect", "svd", "select")}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Upstream:
+    root = tmp_path_factory.mktemp("upstream")
+    cfg = tiny_config(root, data_dir, run={"pipeline": ["prepare", "degrade"]})
+    run_pipeline(cfg, progress=False, echo=lambda s: None)
+    samples = load_samples(AlpacaSourceConfig(path=data_dir / "alpaca/train.jsonl",
+                                              num_samples=N_SAMPLES))
+    write_parquet(samples, root / "data" / "samples.parquet")
+    card = modelio.ModelCard.read(root / "prepare" / CARD)
+    (root / "svd").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    ids = [f"s{i:02d}" for i in range(N_COLLECTED)]
+    for layer in range(card.layers):
+        # collect format: prompt activations of both models; svd of their difference
+        dense = torch.randn(N_COLLECTED, card.heads * card.d_head, generator=gen)
+        degraded = dense - 0.3 - 0.1 * torch.randn(dense.shape, generator=gen)
+        activations.write_layer_shard(activations.shard_file(root / "collect", layer, 0),
+                                      ids * 2, ["dense_q"] * N_COLLECTED
+                                      + ["degraded_q"] * N_COLLECTED,
+                                      torch.cat([dense, degraded]), "float32")
+        delta = lcc_math.split_heads(dense - degraded, card.heads)  # (N, heads, d_head)
+        vs = [lcc_math.svd_directions(delta[:, h]) for h in range(card.heads)]
+        save_file({"V": torch.stack([v for v, _ in vs]), "S": torch.stack([s for _, s in vs])},
+                  str(root / "svd" / f"layer={layer:02d}.safetensors"))
+    activations.mark_shard_done(root / "collect", 0, {"samples": N_COLLECTED})
+    (root / "select").mkdir()
+    (root / "select" / "heads.json").write_text(json.dumps({"method": "hand", "chosen": CHOSEN}))
+    return Upstream(root, data_dir)
+
+
+def _config(up: Upstream, *, mode: str = "inprocess", **train: Any) -> RunConfig:
+    section = {**TRAIN, **train, "engine": {**ENGINE, **train.get("engine", {})}}
+    return tiny_config(up.root, up.data_dir, cluster={"mode": mode, "num_cpus": 2},
+                       train=section)
+
+
+def _ctx(name: str, cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> StageContext:
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(name=name, run_dir=out.parent, out_dir=out, inputs=inputs,
+                        config=getattr(cfg, name), run=cfg, progress=False)
+
+
+def _train_and_export(up: Upstream, out: Path, cfg: RunConfig) -> tuple[Metrics, Metrics]:
+    trained = train_stage(_ctx("train", cfg, out / "train", up.inputs))
+    inputs = {"prepare": up.root / "prepare", "degrade": up.root / "degrade",
+              "train": out / "train"}
+    exported = export_stage(_ctx("export", cfg, out / "export", inputs))
+    return trained, exported
+
+
+def _batch(up: Upstream, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Every training sample as one batch, as the training task encodes them."""
+    job, _ = build_job(_ctx("train", cfg, up.root / "unused", up.inputs))
+    return collate(job.samples, job.pad_id)
+
+
+def _degraded(up: Upstream) -> Any:
+    return modelio.load_model(up.root / "degrade" / MODEL_DIR, torch.float32)
+
+
+def _assert_zero_counts_unchanged(up: Upstream, exported: Any) -> None:
+    degraded = dict(_degraded(up).named_parameters())
+    params = dict(exported.named_parameters())
+    masks = load_file(str(up.root / "degrade" / MASKS))
+    assert masks, "the tiny model was not pruned"
+    for name, keep in masks.items():
+        before = int((degraded[name] == 0).sum())
+        assert int((params[name] == 0).sum()) == before, name
+        assert (params[name][~keep] == 0).all(), name
+
+
+@torch.no_grad()
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_lcc_lowers_the_loss_and_exports_a_plain_checkpoint(upstream: Upstream,
+                                                            tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(upstream, method="lcc", engine={"zero_stage": 2})
+    trained, exported_m = _train_and_export(upstream, tmp_path, cfg)
+    card = modelio.ModelCard.read(upstream.root / "prepare" / CARD)
+    assert trained["trainable_params"] == len(CHOSEN) * 2 * card.d_head
+    assert exported_m["trainable_params"] == trained["trainable_params"]
+    assert exported_m["trainable_fraction"] == pytest.approx(
+        trained["trainable_params"] / card.parameters)
+    log = read_log(tmp_path / "train" / LOG)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert all({"loss", "lr", "tokens"} <= r.keys() for r in log)
+
+    batch = _batch(upstream, cfg)
+    comp = Compensation.from_state(load_file(str(tmp_path / "train" / PARAMS_DIR / LCC_FILE)),
+                                   n_heads=card.heads)
+    assert comp.chosen == sorted(tuple(h) for h in CHOSEN)
+    degraded = _degraded(upstream)
+    before = response_cross_entropy(_logits(degraded, batch), batch["input_ids"],
+                                    batch["target_mask"])
+    hooks = attach(degraded, comp)
+    hooked = _logits(degraded, batch)
+    hooks.remove()
+    after = response_cross_entropy(hooked, batch["input_ids"], batch["target_mask"])
+    assert float(after) < float(before) - 1e-3, (float(before), float(after))
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / MODEL_DIR,
+                                                    dtype=torch.float32).eval()
+    assert exported.config.attention_bias is True
+    attn = exported.model.layers[0].self_attn
+    assert attn.q_proj.bias.abs().max() == 0 and attn.o_proj.bias.abs().max() > 0
+    assert (_logits(exported, batch) - hooked).abs().max() < 1e-4
+    _assert_zero_counts_unchanged(upstream, exported)
+    assert not (tmp_path / "export" / ADAPTER_DIR).exists()
+
+
+def test_lcc_lora_on_two_ray_workers_with_zero3(upstream: Upstream, tmp_path: Path) -> None:
+    """2 Ray Train workers (gloo) under ZeRO-3: the stage starts and stops its own Ray."""
+    import ray
+    from peft import PeftModel
+
+    cfg = _config(upstream, mode="ray", method="lcc+lora", engine={"zero_stage": 3})
+    try:
+        trained, exported_m = _train_and_export(upstream, tmp_path, cfg)
+    finally:
+        assert not ray.is_initialized()
+    assert trained["world_size"] == 2 and trained["zero_stage"] == 3
+    assert trained["lora_layers"] == [1] and trained["lcc_heads"] == len(CHOSEN)
+    assert exported_m["lora_merged_modules"] == 7
+
+    batch = _batch(upstream, cfg)
+    params = tmp_path / "train" / PARAMS_DIR
+    masks = load_file(str(upstream.root / "degrade" / MASKS))
+    merged, _ = merge_lora(_degraded(upstream), params / LORA_DIR, masks)
+    comp = Compensation.from_state(load_file(str(params / LCC_FILE)), n_heads=4)
+    hooks = attach(merged, comp)
+    reference = _logits(merged, batch)
+    hooks.remove()
+    exported = modelio.load_model(tmp_path / "export" / MODEL_DIR, torch.float32)
+    assert (_logits(exported, batch) - reference).abs().max() < 1e-4
+    _assert_zero_counts_unchanged(upstream, exported)
+    # The adapter was trained (B moved off its zero init) and loads on the degraded model.
+    adapter = PeftModel.from_pretrained(_degraded(upstream), tmp_path / "export" / ADAPTER_DIR)
+    lora_b = [p for n, p in adapter.named_parameters() if "lora_B" in n]
+    assert lora_b and max(float(p.abs().max()) for p in lora_b) > 0
+
+
+@pytest.mark.parametrize("zero_stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(
+        upstream: Upstream, tmp_path: Path, zero_stage: int) -> None:
+    cfg = _config(upstream, method="lcc", engine={"zero_stage": zero_stage})
+    job, _ = build_job(_ctx("train", cfg, tmp_path / "unused", upstream.inputs))
+
+    def train(out: Path, stop: int | None = None) -> dict[str, Any]:
+        return run_training(make_task=build_task, task_spec=job, engine=cfg.train.engine,
+                            cluster=cfg.cluster, device="cpu", out_dir=out, fingerprint="job",
+                            progress=False, stop_after_steps=stop)
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(TrainingStopped):
+        train(tmp_path / "killed", stop=5)  # last checkpoint: step 4; step 5 is lost
+    assert json.loads((tmp_path / "killed" / CHECKPOINTS / "latest.json").read_text())["step"] == 4
+    resumed = train(tmp_path / "killed")
+    assert resumed["resumed_from"] == 4
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5, abs=1e-6)
+    a = read_log(tmp_path / "whole" / LOG)
+    b = read_log(tmp_path / "killed" / LOG)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        assert y["lr"] == pytest.approx(x["lr"])
+    pa = load_file(str(tmp_path / "whole" / PARAMS_DIR / LCC_FILE))
+    pb = load_file(str(tmp_path / "killed" / PARAMS_DIR / LCC_FILE))
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoints_of_another_job_are_not_resumed(upstream: Upstream, tmp_path: Path) -> None:
+    cfg = _config(upstream, method="lcc", engine={"steps": 2, "checkpoint_every": 1})
+    job, _ = build_job(_ctx("train", cfg, tmp_path / "unused", upstream.inputs))
+    kw = {"make_task": build_task, "task_spec": job, "engine": cfg.train.engine,
+          "cluster": cfg.cluster, "device": "cpu", "out_dir": tmp_path / "t", "progress": False}
+    run_training(fingerprint="a", **kw)
+    again = run_training(fingerprint="b", **kw)
+    assert again["resumed_from"] == 0 and len(read_log(tmp_path / "t" / LOG)) == 2
+
+
+def test_lcc_without_svd_and_select_says_which_stages_are_missing(upstream: Upstream,
+                                                                  tmp_path: Path) -> None:
+    cfg = _config(upstream, method="lcc")
+    inputs = {n: upstream.root / n for n in ("prepare", "degrade", "data")}
+    with pytest.raises(ValueError, match="needs the stages svd, select before train"):
+        build_job(_ctx("train", cfg, tmp_path / "train", inputs))
+
+
+def test_lost_component_init_starts_from_the_collected_shift(upstream: Upstream,
+                                                             tmp_path: Path) -> None:
+    cfg = _config(upstream, method="lcc", lcc={"init": "lost_component", "init_directions": 3})
+    job, _ = build_job(_ctx("train", cfg, tmp_path / "train", upstream.inputs))
+    comp = Compensation.create(list(job.chosen), job.V, n_heads=job.n_heads,
+                               init="lost_component", lost=job.lost)
+    n_heads = job.n_heads
+    for layer, head in job.chosen:
+        views = activations.read_layer(upstream.root / "collect", layer)
+        delta = lcc_math.split_heads(views["dense_q"][1] - views["degraded_q"][1], n_heads)
+        V, S = (load_file(str(upstream.root / "svd" / f"layer={layer:02d}.safetensors"))[k][head]
+                for k in ("V", "S"))
+        expected = lcc_math.lost_component(delta[:, head], V, S, 3)
+        got = comp.layers[str(layer)].components()[comp.layers[str(layer)].heads.index(head)]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    inputs = {k: v for k, v in upstream.inputs.items() if k != "collect"}
+    with pytest.raises(ValueError, match="needs the stages collect before train"):
+        build_job(_ctx("train", cfg, tmp_path / "train", inputs))
+
+
+def test_kl_to_the_dense_teacher_trains(upstream: Upstream, tmp_path: Path) -> None:
+    cfg = _config(upstream, method="lcc", loss={"ce_weight": 0.5, "kl_weight": 1.0,
+                                                "temperature": 2.0}, engine={"steps": 2})
+    trained = train_stage(_ctx("train", cfg, tmp_path / "train", upstream.inputs))
+    log = read_log(tmp_path / "train" / LOG)
+    assert all(r["kl"] > 0 and r["ce"] > 0 for r in log)
+    assert trained["final_loss"] == pytest.approx(log[-1]["loss"])
+
+
+def test_lora_only_pipeline_skips_collect_svd_select(upstream: Upstream, tmp_path: Path) -> None:
+    """The runner path: data, train (LoRA, auto layers), export, evaluate of the recovered."""
+    cfg = tiny_config(
+        tmp_path / "run", upstream.data_dir,
+        run={"pipeline": ["prepare", "degrade", "data", "train", "export", "evaluate"]},
+        data={"source": {"source": "alpaca", "path": "alpaca/train.jsonl",
+                         "num_samples": N_SAMPLES}, "max_length": 512, "triplets": False},
+        train={**TRAIN, "method": "lora",
+               "lora": {"layers": "auto", "auto_layers": 1, "auto_samples": 4, "rank": 2},
+               "engine": {**ENGINE, "steps": 3, "zero_stage": 2}},
+    )
+    out = run_pipeline(cfg, progress=False, echo=lambda s: None)
+    assert out.ran == ["prepare", "degrade", "data", "train", "export", "evaluate"]
+    t = out.metrics["train"]
+    assert t["method"] == "lora" and len(t["lora_layers"]) == 1 and len(t["layer_errors"]) == 2
+    assert "lcc_heads" not in t and t["trainable_params"] == out.metrics["export"][
+        "trainable_params"]
+    assert (tmp_path / "run" / "export" / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert "recovered" in out.metrics["evaluate"]["models"]
+    # Unchanged config: everything is reused, training included.
+    again = run_pipeline(cfg, progress=False, echo=lambda s: None)
+    assert again.ran == []
+
+
+@pytest.mark.slow
+def test_lora_on_two_ray_workers_with_zero2(upstream: Upstream, tmp_path: Path) -> None:
+    cfg = _config(upstream, mode="ray", method="lora", engine={"zero_stage": 2})
+    trained, exported_m = _train_and_export(upstream, tmp_path, cfg)
+    assert trained["world_size"] == 2 and trained["zero_stage"] == 2
+    assert exported_m["max_abs_logit_diff"] < 1e-4
+    _assert_zero_counts_unchanged(
+        upstream, modelio.load_model(tmp_path / "export" / MODEL_DIR, torch.float32))
+
+
+@pytest.mark.slow
+def test_pipeline_resumes_training_after_sigkill(upstream: Upstream, tmp_path: Path) -> None:
+    """`recoup run` killed with SIGKILL mid-training; the rerun resumes from the last
+    checkpoint and ends with the loss of an uninterrupted run."""
+    def config(run_dir: Path) -> Path:
+        data = {
+            "run": {"dir": str(run_dir), "data_dir": str(upstream.data_dir),
+                    "pipeline": ["prepare", "degrade", "data", "train"]},
+            "cluster": {"mode": "inprocess"},
+            "prepare": {"source": "tiny-llama"},
+            "degrade": {"method": "magnitude", "sparsity": 0.5},
+            "data": {"source": {"source": "alpaca", "path": "alpaca/train.jsonl",
+                                "num_samples": N_SAMPLES}, "triplets": False},
+            "train": {**TRAIN, "method": "lora", "engine": {
+                **ENGINE, "steps": 40, "checkpoint_every": 10, "zero_stage": 2}},
+        }
+        path = run_dir.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def recoup(cfg_path: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "recoup", "run", str(cfg_path)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    whole = tmp_path / "whole"
+    assert recoup(config(whole)).wait(timeout=600) == 0
+    killed = tmp_path / "killed"
+    proc = recoup(config(killed))
+    latest = killed / "train" / CHECKPOINTS / "latest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 10:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "train" / "manifest.json").exists()
+    assert recoup(config(killed)).wait(timeout=600) == 0
+    a = json.loads((whole / "train" / "manifest.json").read_text())["metrics"]
+    b = json.loads((killed / "train" / "manifest.json").read_text())["metrics"]
+    assert b["resumed_from"] >= 10
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5, abs=1e-6)

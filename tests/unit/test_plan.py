@@ -1,0 +1,190 @@
+"""`recoup plan`: figures against hand computation from the published Llama-2 shapes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from recoup.orchestrator.config import load_config
+from recoup.orchestrator.plan import (
+    GB,
+    Hardware,
+    builtin_shape,
+    chosen_heads,
+    degrade_parts,
+    evaluate_parts,
+    gpus_for,
+    min_world_size,
+    plan_stages,
+    resolve_model,
+    train_parts,
+    train_token_layer_bytes,
+)
+from recoup.orchestrator.runconfig import RunConfig
+from recoup.stages.collect import activation_bytes_per_sample
+
+REPO = Path(__file__).resolve().parents[2]
+H80 = Hardware(gpu_bytes=80 * GB)
+
+
+def llama_params(*, vocab: int, hidden: int, inter: int, layers: int, kv_dim: int) -> int:
+    """q, o (hidden x hidden), k, v (kv_dim x hidden), gate, up, down, two norms per block;
+    embeddings and an untied lm_head; the final norm."""
+    block = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter + 2 * hidden
+    return layers * block + 2 * vocab * hidden + hidden
+
+
+def cfg_of(name: str, *overrides: str) -> RunConfig:
+    return load_config(RunConfig, REPO / "configs" / f"{name}.yaml", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def c13() -> RunConfig:
+    return cfg_of("llama-13b")
+
+
+@pytest.fixture(scope="module")
+def c70() -> RunConfig:
+    return cfg_of("llama-70b")
+
+
+def test_13b_and_70b_parameter_counts_and_bf16_weights(c13: RunConfig, c70: RunConfig) -> None:
+    s13 = resolve_model(c13)
+    assert s13.params == llama_params(vocab=32000, hidden=5120, inter=13824, layers=40,
+                                      kv_dim=5120) == 13_015_864_320
+    assert s13.weights_bytes == 2 * s13.params
+    assert s13.weights_bytes / GB == pytest.approx(26.0, abs=0.1)  # "13B bf16 is 26 GB"
+    assert "not on this machine" in s13.origin
+    s70 = resolve_model(c70)
+    assert s70.params == llama_params(vocab=32000, hidden=8192, inter=28672, layers=80,
+                                      kv_dim=8 * 128)  # GQA: 8 KV heads of 128
+    assert s70.weights_bytes / GB == pytest.approx(138.0, abs=0.1)  # "70B is ~140 GB"
+    assert s70.block_params == 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    s7 = resolve_model(cfg_of("llama-7b"))
+    assert s7.weights_bytes / GB == pytest.approx(13.5, abs=0.1)
+
+
+def test_collect_activation_bytes_per_sample_and_on_disk(c13: RunConfig) -> None:
+    shape = resolve_model(c13)
+    per = activation_bytes_per_sample(shape.card, "float16")
+    assert per == 40 * 40 * 128 * 4 * 2  # layers x heads x d_head x 4 views x 2 B
+    est = {e.stage: e for e in plan_stages(c13, shape, H80)}
+    assert est["collect"].disk_bytes == c13.data.source.num_samples * per
+
+
+def test_gpus_needed_rounds_up() -> None:
+    usable = 72 * GB
+    assert gpus_for(0, usable) == 0
+    assert gpus_for(1, usable) == 1
+    assert gpus_for(usable, usable) == 1
+    assert gpus_for(usable + 1, usable) == 2
+    assert gpus_for(3.01 * usable, usable) == 4
+
+
+def test_70b_collect_needs_four_gpus_per_worker(c70: RunConfig) -> None:
+    shape = resolve_model(c70)
+    est = {e.stage: e for e in plan_stages(c70, shape, H80)}["collect"]
+    # dense + degraded = 2 x 137.95 GB, plus one layer's working set: 276.9 / 72 -> 4
+    assert est.parts["dense + degraded weights"] == 2 * shape.weights_bytes
+    assert est.gpus_min == math.ceil(est.device_bytes / H80.usable) == 4
+    assert est.fits  # the shipped config asks 4 GPUs per worker
+    too_few = cfg_of("llama-70b", "collect.num_gpus_per_worker=2")
+    low = {e.stage: e for e in plan_stages(too_few, shape, H80)}["collect"]
+    assert not low.fits and "num_gpus_per_worker=4" in " ".join(low.notes)
+
+
+def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
+    shape = resolve_model(c13)
+    parts = train_parts(shape, c13, 8)
+    assert parts["frozen weights / world size (ZeRO-3)"] == math.ceil(2 * shape.params / 8)
+    assert parts["2 gathered blocks (ZeRO-3)"] == 2 * 2 * shape.block_params
+    heads = chosen_heads(c13, shape.card)
+    assert heads == round(0.25 * 40 * 40)
+    # beta and b (2 x d_head) per chosen head; 16 B each, all sharded under ZeRO-3
+    assert parts["trainable params + grads + Adam"] == math.ceil(heads * 2 * 128 * 16 / 8)
+    # per token and layer: two float32 norm inputs, q/k/v/out, gate/up/silu, bf16
+    per = train_token_layer_bytes(shape.card, 2)
+    assert per == 2 * 5120 * 4 + 2 * (4 * 5120 + 3 * 13824) == 164_864
+    tokens = c13.train.engine.micro_batch * c13.train.max_seq_len
+    assert parts["activations for backward (all layers)"] == tokens * 40 * per
+
+
+def test_min_world_size_is_the_smallest_that_fits(c70: RunConfig) -> None:
+    shape = resolve_model(c70)
+    usable = H80.usable
+    w = min_world_size(shape, c70, usable)
+    assert w is not None and w > 1
+    assert sum(train_parts(shape, c70, w).values()) <= usable
+    assert sum(train_parts(shape, c70, w - 1).values()) > usable
+    zero2 = cfg_of("llama-70b", "train.engine.zero_stage=2")
+    assert min_world_size(shape, zero2, usable) is None  # whole 138 GB on every GPU
+
+
+def test_70b_training_is_blocked_by_the_whole_model_load(c70: RunConfig) -> None:
+    est = {e.stage: e for e in plan_stages(c70, resolve_model(c70), H80)}["train"]
+    assert est.device_bytes <= H80.usable  # steady state under ZeRO-3 fits
+    assert not est.fits and est.gpus_min is None
+    assert any("load peak" in n for n in est.notes)
+
+
+def test_degrade_sparsegpt_hessians_and_block(c13: RunConfig) -> None:
+    shape = resolve_model(c13)
+    parts = degrade_parts(shape, c13)
+    # one float64 Hessian per distinct input: q/k/v, o, gate/up (5120), down (13824)
+    assert parts["Hessians (float64, one per input)"] == 8 * (3 * 5120**2 + 13824**2)
+    assert parts["calibration activations (N x seq x hidden)"] == 128 * 2048 * 5120 * 2
+    assert parts["one decoder block"] == 2 * shape.block_params
+    wanda = degrade_parts(shape, cfg_of("llama-13b", "degrade.method=wanda"))
+    assert wanda["input norms (float64)"] == 8 * (3 * 5120 + 13824)
+    assert set(degrade_parts(shape, cfg_of("llama-13b", "degrade.method=magnitude"))) == {
+        "one decoder block"}
+
+
+def test_evaluate_holds_three_models(c13: RunConfig) -> None:
+    shape = resolve_model(c13)
+    parts = evaluate_parts(shape, c13)
+    assert parts["3 models (dense, degraded, recovered)"] == 3 * shape.weights_bytes
+    by_80 = {e.stage: e for e in plan_stages(c13, shape, H80)}["evaluate"]
+    assert not by_80.fits  # 78 GB of weights alone
+    h200 = Hardware(gpu_bytes=141 * GB)
+    assert {e.stage: e for e in plan_stages(c13, shape, h200)}["evaluate"].fits
+
+
+def test_model_from_a_config_json_folder(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    hf.save_pretrained(tmp_path / "m")
+    real = sum(p.numel() for p in LlamaForCausalLM(hf).parameters())
+    cfg = cfg_of("tiny", f"prepare.source={tmp_path / 'm'}")
+    assert resolve_model(cfg).params == real
+    assert resolve_model(cfg_of("tiny"), str(tmp_path / "m" / "config.json")).params == real
+    assert resolve_model(cfg_of("tiny"), "llama-2-7b-hf").name == "Llama-2-7b-hf"
+    tiny = resolve_model(cfg_of("tiny"))
+    assert tiny.card.layers == 2 and tiny.card.hidden == 64
+
+
+def test_unknown_model_says_what_to_pass() -> None:
+    cfg = cfg_of("tiny", "prepare.source=/nowhere/my-model")
+    with pytest.raises(ValueError, match="--model"):
+        resolve_model(cfg)
+    with pytest.raises(ValueError, match="built-in"):
+        builtin_shape("gpt-5", "bfloat16")
+
+
+def test_cli_plan_prints_the_table_and_checks_the_cluster_yaml(capsys: pytest.CaptureFixture[
+        str]) -> None:
+    from recoup.orchestrator.cli import main
+
+    assert main(["plan", str(REPO / "configs/llama-13b.yaml"), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "13.02 B parameters, bfloat16: weights 26.0 GB" in out
+    assert "72.0 GB" in out and "evaluate" in out
+    cluster = str(REPO / "ray_cluster.yaml")
+    assert main(["plan", str(REPO / "configs/llama-70b.yaml"), "--cluster", cluster,
+                 "train.engine.workers=40"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit ray_cluster.yaml" in out  # 40 GPUs > 4 nodes x 8
