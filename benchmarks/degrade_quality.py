@@ -48,9 +48,12 @@ def main() -> None:
             "prepare": {"source": dense_source},
             "degrade": {**CASES[name], "calibration": {
                 "num_samples": args.calib_samples, "seq_len": args.calib_seq_len}},
-            "evaluate": {"seq_len": args.seq_len, "max_windows": args.windows},
+            # perplexity and KL only: zero-shot accuracy is not what this benchmark compares
+            "evaluate": {"seq_len": args.seq_len, "max_windows": args.windows,
+                         "zeroshot": {"tasks": []}},
         }, source="degrade_quality.py")
-        out = run_pipeline(cfg, progress=False, echo=lambda s: print(f"[{name}] {s}", flush=True))
+        out = run_pipeline(cfg, progress=False,
+                           echo=lambda s, name=name: print(f"[{name}] {s}", flush=True))
         if i == 0:  # later runs copy the prepared model instead of dequantizing the GGUF again
             dense_source = str(run_dir / "prepare" / "model")
         models = out.metrics["evaluate"]["models"]

@@ -84,8 +84,8 @@ def _job(args: argparse.Namespace, root: Path) -> TrainJob:
 
 
 def plain_loop(job: TrainJob, engine: EngineConfig, world: int) -> dict[str, float]:
-    """The same steps in one process with torch AdamW: the global batch of every step is
-    the ``world`` ranks' micro-batches, concatenated in rank order."""
+    """The same steps in one process with torch AdamW: every step runs the micro-batches
+    the ``world`` ranks would run, one after the other, and averages their gradients."""
     torch.manual_seed(engine.seed)
     task = build_task(job, torch.device("cpu"))
     params = [p for p in task.module.parameters() if p.requires_grad]
@@ -97,21 +97,24 @@ def plain_loop(job: TrainJob, engine: EngineConfig, world: int) -> dict[str, flo
     tokens, losses = 0, []
     t0, cpu0 = time.perf_counter(), time.process_time()
     for step in range(engine.steps):
+        step_losses = []
         for micro in range(engine.grad_accum):
             g = step * engine.grad_accum + micro
-            idx = [i for r in range(world) for i in sample_indices(
-                task.num_samples(), seed=engine.seed, micro_batch=engine.micro_batch,
-                world_size=world, g=g, rank=r)]
-            batch = task.batch(idx, torch.device("cpu"))
-            loss, _, n = task.loss(module, batch)
-            (loss / engine.grad_accum).backward()
-            tokens += n
+            for r in range(world):  # each rank's micro-batch as it is: the same padding
+                idx = sample_indices(task.num_samples(), seed=engine.seed,
+                                     micro_batch=engine.micro_batch, world_size=world, g=g,
+                                     rank=r)
+                batch = task.batch(idx, torch.device("cpu"))
+                loss, _, n = task.loss(module, batch)
+                (loss / (engine.grad_accum * world)).backward()
+                step_losses.append(float(loss.detach()))
+                tokens += n
         if engine.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, engine.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(sum(step_losses) / len(step_losses))  # as log.jsonl's loss
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"tokens": tokens, "seconds": elapsed, "cpu_seconds": cpu,
             "tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu,
@@ -130,11 +133,13 @@ def main() -> None:
         print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads; method "
               f"{args.method}; {len(job.samples)} samples, {args.steps} steps, global batch "
               f"{args.micro_batch * args.workers}", flush=True)
+        # The plain loop first: after a Ray session the driver process runs torch several
+        # times slower for a while (measured), which would flatter DeepSpeed.
+        torch.set_num_threads(cpus)
+        plain = plain_loop(job, engine, args.workers)
         ds = run_training(make_task=build_task, task_spec=job, engine=engine,
                           cluster=ClusterConfig(mode="ray", num_cpus=cpus), device="cpu",
                           out_dir=root / "train", fingerprint="bench", progress=False)
-        torch.set_num_threads(cpus)
-        plain = plain_loop(job, engine, args.workers)
     ds_tps = float(ds["tokens_per_s"])
     report = {
         "deepspeed": {"workers": args.workers, "zero_stage": args.zero_stage,

@@ -101,8 +101,10 @@ def facts_from_run_dir(run_dir: Path) -> RunFacts:
         if plan.state == "done":
             folders[plan.name] = run_dir / plan.name
         elif (run_dir / plan.name).exists():
-            skipped[plan.name] = plan.state + (f" ({'; '.join(plan.reasons)})"
-                                               if plan.reasons else "")
+            why = plan.reasons[0][:120] if plan.reasons else ""
+            if len(plan.reasons) > 1:
+                why += f"; {len(plan.reasons) - 1} more reasons"
+            skipped[plan.name] = plan.state + (f" ({why})" if why else "")
     facts = facts_from_folders(run_dir.resolve().name, folders)
     return RunFacts(name=facts.name, folders=facts.folders, manifests=facts.manifests,
                     skipped=skipped)
@@ -144,10 +146,13 @@ class Table:
                 + "".join(body) + "</tbody></table>")
 
 
-def gap_fraction(dense: float, degraded: float, recovered: float) -> float | None:
+def gap_fraction(dense: float, degraded: float, recovered: float, *,
+                 higher_is_better: bool) -> float | None:
     """Share of the dense-vs-degraded gap recovered (1 = back to dense, 0 = no better than
-    degraded, negative = worse); None when there is no gap."""
-    if dense == degraded:
+    degraded, negative = worse); None when degradation cost nothing on this metric (equal,
+    or degraded better than dense: there is no gap to close)."""
+    lost = dense - degraded if higher_is_better else degraded - dense
+    if lost <= 0:
         return None
     return (degraded - recovered) / (degraded - dense)
 
@@ -158,6 +163,7 @@ class Metric:
     #: model name -> value
     values: dict[str, float]
     fmt: str
+    higher_is_better: bool
 
     def cell(self, model: str) -> str:
         v = self.values.get(model)
@@ -166,11 +172,14 @@ class Metric:
     def gap(self) -> float | None:
         if not all(m in self.values for m in MODELS):
             return None
-        return gap_fraction(*(self.values[m] for m in MODELS))
+        return gap_fraction(*(self.values[m] for m in MODELS),
+                            higher_is_better=self.higher_is_better)
 
 
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
+    if x is None:
+        return "—"
+    return f"{100 * x:.1f}%" if abs(x) >= 5e-4 else "0.0%"  # no "-0.0%"
 
 
 def quality_metrics(evaluation: Mapping[str, Any]) -> list[Metric]:
@@ -181,22 +190,25 @@ def quality_metrics(evaluation: Mapping[str, Any]) -> list[Metric]:
         return []
     out = [
         Metric(label="WikiText-2 perplexity ↓",
-               values={k: v["ppl"] for k, v in models.items() if "ppl" in v}, fmt=".2f"),
+               values={k: v["ppl"] for k, v in models.items() if "ppl" in v}, fmt=".2f",
+               higher_is_better=False),
         Metric(label="KL to dense ↓",
                values={k: v["kl_to_dense"] for k, v in models.items() if "kl_to_dense" in v},
-               fmt=".4f"),
+               fmt=".4f", higher_is_better=False),
     ]
     for task in evaluation.get("zeroshot_tasks", []):
         for key in ("acc", "acc_norm"):
             vals = {k: 100 * v["zeroshot"][task][key] for k, v in models.items()
                     if key in v.get("zeroshot", {}).get(task, {})}
             if vals:
-                out.append(Metric(label=f"{task} {key} (%)", values=vals, fmt=".1f"))
+                out.append(Metric(label=f"{task} {key} (%)", values=vals, fmt=".1f",
+                                  higher_is_better=True))
     for key in ("acc", "acc_norm"):
         vals = {k: 100 * v["zeroshot_avg"][key] for k, v in models.items()
                 if key in v.get("zeroshot_avg", {})}
         if vals:
-            out.append(Metric(label=f"average {key} (%)", values=vals, fmt=".1f"))
+            out.append(Metric(label=f"average {key} (%)", values=vals, fmt=".1f",
+                              higher_is_better=True))
     return out
 
 
@@ -296,7 +308,8 @@ def notes(facts: RunFacts) -> list[str]:
                        "points (lm-eval's acc_stderr); smaller differences are noise.")
     if "recovered" in ev.get("models", {}):
         out.append("Gap closed = (degraded − recovered) / (degraded − dense): 100% is back to "
-                   "dense, 0% no better than degraded.")
+                   "dense, 0% no better than degraded; — where degradation cost nothing on "
+                   "that metric.")
     for stage, why in facts.skipped.items():
         out.append(f"Stage {stage} is not included: {why}.")
     return out
@@ -631,6 +644,8 @@ def compare_table(runs: Sequence[RunFacts]) -> tuple[Table, list[str]]:
                           "its gap closed is measured against its own.")
     notes_.append("Each run's cell: recovered value (gap closed against that run's dense and "
                   "degraded models).")
+    notes_ += [f"{r.name}: stage {stage} is not included: {why}."
+               for r in runs for stage, why in r.skipped.items()]
     return Table(header=header, rows=tuple(rows), kinds=tuple(kinds)), notes_
 
 

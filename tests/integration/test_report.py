@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 from recoup.orchestrator import store
 from recoup.orchestrator.cli import main
-from recoup.orchestrator.runner import run_pipeline
+from recoup.orchestrator.runner import StageFailedError, run_pipeline
 from recoup.stages import report as rpt
+from recoup.stages import zeroshot
 from recoup.stages.evaluate import format_table
 from tests.conftest import tiny_config
 
@@ -31,11 +32,11 @@ LIMIT, SHARDS = 3, 2
 
 
 def _config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]):  # noqa: ANN202
+    sections = {"run": {"pipeline": PIPELINE}, **sections}
     evaluate = {"seq_len": 64, "max_windows": 2, "batch_size": 2,
                 "zeroshot": {"tasks": TASKS, "limit": LIMIT, "shards": SHARDS,
                              "batch_size": 4}}
-    return tiny_config(run_dir, data_dir, run={"pipeline": PIPELINE},
-                       evaluate=evaluate, **sections)
+    return tiny_config(run_dir, data_dir, evaluate=evaluate, **sections)
 
 
 def _run(cfg):  # noqa: ANN001, ANN202
@@ -112,6 +113,31 @@ def test_a_new_degraded_model_reuses_the_dense_evaluation(tiny_run: Path, data_d
     assert _results(run_dir) == first
 
 
+def test_a_failed_evaluation_resumes_at_the_first_missing_shard(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(tmp_path / "run", data_dir, run={"pipeline": ["prepare", "degrade",
+                                                                "evaluate"]})
+    real, calls = zeroshot.score_task, []
+
+    def dies_on_the_third_task(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].name)
+        if len(calls) == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "score_task", dies_on_the_third_task)
+    with pytest.raises(StageFailedError, match="worker lost"):
+        _run(cfg)
+    monkeypatch.setattr(zeroshot, "score_task", real)
+    out = _run(cfg)
+    assert out.ran == ["evaluate"]
+    cache = _cache(tmp_path / "run")
+    # dense shard 0 (both tasks) finished before the failure and is not scored again
+    assert cache["dense"]["zeroshot_shards"] == {"computed": 2, "cached": 2}
+    assert cache["degraded"]["zeroshot_shards"] == {"computed": 4, "cached": 0}
+    assert _results(tmp_path / "run")["models"]["dense"]["zeroshot"]["boolq"]["n"] == LIMIT
+
+
 def test_cli_report_and_compare(tiny_run: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -143,7 +169,6 @@ def local_ray():  # noqa: ANN201 - yields the ray module
         ray.shutdown()
 
 
-@pytest.mark.slow
 def test_shards_on_ray_workers_give_the_in_process_results(
         tiny_run: Path, tmp_path: Path, data_dir: Path, local_ray: Any) -> None:
     cfg = _config(tmp_path / "ray", data_dir, cluster={"mode": "ray"},
@@ -241,6 +266,14 @@ def test_the_table_of_a_full_run(tmp_path: Path) -> None:
     shown = rpt.describe_run(facts)
     assert shown["degradation"] == "wanda 50.0%" and shown["recovery"] == "lcc"
     assert shown["selector"] == "probe, top 25.0%"
+
+
+def test_gap_closed_only_where_degradation_cost_something() -> None:
+    assert rpt.gap_fraction(10.0, 30.0, 15.0, higher_is_better=False) == pytest.approx(0.75)
+    assert rpt.gap_fraction(0.6, 0.4, 0.3, higher_is_better=True) == pytest.approx(-0.5)
+    assert rpt.gap_fraction(0.6, 0.7, 0.65, higher_is_better=True) is None  # degraded better
+    assert rpt.gap_fraction(0.6, 0.6, 0.65, higher_is_better=True) is None
+    assert rpt._pct(-1e-9) == "0.0%"
 
 
 def test_every_plot_is_in_the_page(tmp_path: Path) -> None:
