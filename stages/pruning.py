@@ -355,17 +355,31 @@ def rtn_fake_quantize(W: torch.Tensor, bits: int, group_size: int | None) -> tor
     rows, cols = W.shape
     if group_size is None or group_size == -1:
         group_size = cols
-    if group_size < 1 or cols % group_size != 0:
+    if group_size < 1:
         raise ValueError(
-            f"group_size={group_size} must be a positive divisor of in_features={cols} "
-            "(or -1/None for one group per row)."
+            f"group_size={group_size} must be positive (or -1/None for one group per row)."
         )
+    # in_features need not be a multiple of group_size (SmolLM2: 576 = 4.5 x 128): the
+    # last group of each row is then shorter, as in GPTQ-style quantizers.
+    full = cols - cols % group_size
+    Wf = W.float()
+    parts = []
+    if full:
+        parts.append(_rtn_groups(Wf[:, :full], bits, group_size))
+    if full < cols:
+        parts.append(_rtn_groups(Wf[:, full:], bits, cols - full))
+    return torch.cat(parts, dim=1).to(W.dtype)  # (out, in)
+
+
+def _rtn_groups(Wf: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """RTN of a float32 (out, in) block whose in is a multiple of group_size."""
+    rows, cols = Wf.shape
     max_q = 2**bits - 1
-    grouped = W.float().reshape(rows, cols // group_size, group_size)  # (out, in/g, g)
+    grouped = Wf.reshape(rows, cols // group_size, group_size)  # (out, in/g, g)
     lo = grouped.amin(dim=-1, keepdim=True).clamp(max=0)  # (out, in/g, 1)
     hi = grouped.amax(dim=-1, keepdim=True).clamp(min=0)  # (out, in/g, 1)
     scale = (hi - lo) / max_q
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups stay zero
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(grouped / scale) + zero, 0, max_q)
-    return ((q - zero) * scale).reshape(rows, cols).to(W.dtype)  # (out, in)
+    return ((q - zero) * scale).reshape(rows, cols)  # (out, in)

@@ -258,8 +258,17 @@ def test_rtn_bad_bits_named(bits: int) -> None:
 
 
 def test_rtn_bad_group_named() -> None:
-    with pytest.raises(ValueError, match="group_size=5"):
-        rtn_fake_quantize(torch.rand(2, 8), 4, 5)
+    with pytest.raises(ValueError, match="group_size=0"):
+        rtn_fake_quantize(torch.rand(2, 8), 4, 0)
+
+
+def test_rtn_partial_last_group_is_its_own_group() -> None:
+    W = torch.randn(3, 13, generator=torch.Generator().manual_seed(0))
+    Q = rtn_fake_quantize(W, 4, 5)  # groups of columns 0-4, 5-9 and 10-12
+    expected = torch.cat([rtn_fake_quantize(W[:, :10], 4, 5),
+                          rtn_fake_quantize(W[:, 10:], 4, -1)], dim=1)
+    assert torch.equal(Q, expected)
+    assert all(len(torch.unique(Q[r, 10:])) <= 3 for r in range(3))
 
 
 def test_sparsegpt_singular_hessian_without_damping_is_explained() -> None:
