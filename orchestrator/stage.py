@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from recoup.orchestrator.registry import Registry
 from recoup.orchestrator.stage_logging import log_to_file
 
 Metrics = dict[str, Any]
@@ -86,7 +87,8 @@ class StageSpec:
         return getattr(run_config, self.config_key)
 
 
-_REGISTRY: dict[str, StageSpec] = {}
+_REGISTRY: Registry[StageSpec] = Registry(
+    "stage", unknown="unknown stage {name!r}; known stages: {known}")
 
 
 def register_stage(
@@ -103,9 +105,7 @@ def register_stage(
     """Register ``fn`` as stage ``name``; a second registration of a name is an error."""
 
     def deco(fn: StageFn) -> StageFn:
-        if name in _REGISTRY:
-            raise ValueError(f"stage {name!r} is registered twice")
-        _REGISTRY[name] = StageSpec(
+        _REGISTRY.add(name, StageSpec(
             name=name,
             version=version,
             requires=requires,
@@ -115,22 +115,18 @@ def register_stage(
             resumable=resumable,
             summarize=summarize or (lambda m: ""),
             report=report,
-        )
+        ))
         return fn
 
     return deco
 
 
 def get_stage(name: str) -> StageSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown stage {name!r}; known stages: {known}") from None
+    return _REGISTRY.get(name)
 
 
 def registered_stages() -> Mapping[str, StageSpec]:
-    return dict(_REGISTRY)
+    return {name: _REGISTRY.get(name) for name in _REGISTRY.names()}
 
 
 class Executor(Protocol):

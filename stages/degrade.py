@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.registry import Registry
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json, commit_path, tmp_path_for
 from recoup.stages import blockwise, modelio, pruning
@@ -84,25 +85,19 @@ class DegradeInputs:
 
 #: name -> function(cfg, inputs) -> (degraded model, tokenizer, masks by weight name)
 DegradeMethod = Callable[[DegradeConfig, DegradeInputs], tuple[Any, Any, dict[str, torch.Tensor]]]
-_METHODS: dict[str, DegradeMethod] = {}
+_METHODS: Registry[DegradeMethod] = Registry(
+    "degrade method", unknown="degrade.method {name!r} is unknown; choose one of {known}")
 
 
 def register_method(name: str) -> Callable[[DegradeMethod], DegradeMethod]:
     def deco(fn: DegradeMethod) -> DegradeMethod:
-        if name in _METHODS:
-            raise ValueError(f"degrade method {name!r} is registered twice")
-        _METHODS[name] = fn
-        return fn
+        return _METHODS.add(name, fn)
 
     return deco
 
 
 def get_method(name: str) -> DegradeMethod:
-    if name not in _METHODS:
-        raise ValueError(
-            f"degrade.method {name!r} is unknown; choose one of {', '.join(sorted(_METHODS))}"
-        )
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def _blockwise(method: str) -> DegradeMethod:

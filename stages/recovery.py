@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.registry import Registry
 from recoup.stages import modelio
 from recoup.stages.compensation import (
     DEFAULT_INIT_STD,
@@ -217,7 +218,8 @@ class RecoveryMethod:
     build: Callable[[nn.Module, TrainJob, torch.Generator], RecoveryModel]
 
 
-_METHODS: dict[str, RecoveryMethod] = {}
+_METHODS: Registry[RecoveryMethod] = Registry(
+    "recovery method", unknown="train.method {name!r} is unknown; choose one of {known}")
 
 
 def register_method(name: str, *, needs_heads: bool, uses_lora: bool) -> Callable[
@@ -227,25 +229,19 @@ def register_method(name: str, *, needs_heads: bool, uses_lora: bool) -> Callabl
 
     def deco(fn: Callable[[nn.Module, TrainJob, torch.Generator], RecoveryModel],
              ) -> Callable[[nn.Module, TrainJob, torch.Generator], RecoveryModel]:
-        if name in _METHODS:
-            raise ValueError(f"recovery method {name!r} is registered twice")
-        _METHODS[name] = RecoveryMethod(name=name, needs_heads=needs_heads, uses_lora=uses_lora,
-                                        build=fn)
+        _METHODS.add(name, RecoveryMethod(name=name, needs_heads=needs_heads,
+                                          uses_lora=uses_lora, build=fn))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> RecoveryMethod:
-    if name not in _METHODS:
-        raise ValueError(
-            f"train.method {name!r} is unknown; choose one of {', '.join(sorted(_METHODS))}"
-        )
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(sorted(_METHODS))
+    return _METHODS.names()
 
 
 def _compensation(job: TrainJob, gen: torch.Generator) -> Compensation:

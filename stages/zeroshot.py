@@ -48,6 +48,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.registry import Registry
 
 Doc = dict[str, Any]
 Reader = Callable[[Path, "Path | None"], list[Doc]]
@@ -64,7 +65,8 @@ class TaskFormat:
     needs_labels: bool = False
 
 
-_FORMATS: dict[str, TaskFormat] = {}
+_FORMATS: Registry[TaskFormat] = Registry(
+    "task format", unknown="unknown task format {name!r}; known formats: {known}")
 
 
 def register_format(name: str, *, lm_eval_yaml: str,
@@ -72,25 +74,19 @@ def register_format(name: str, *, lm_eval_yaml: str,
     """Register a reader ``(path, labels_path) -> HF-schema records`` as format ``name``."""
 
     def deco(fn: Reader) -> Reader:
-        if name in _FORMATS:
-            raise ValueError(f"task format {name!r} is registered twice")
-        _FORMATS[name] = TaskFormat(name=name, lm_eval_yaml=lm_eval_yaml, read=fn,
-                                    needs_labels=needs_labels)
+        _FORMATS.add(name, TaskFormat(name=name, lm_eval_yaml=lm_eval_yaml, read=fn,
+                                      needs_labels=needs_labels))
         return fn
 
     return deco
 
 
 def get_format(name: str) -> TaskFormat:
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown task format {name!r}; known formats: "
-                         f"{', '.join(sorted(_FORMATS))}") from None
+    return _FORMATS.get(name)
 
 
 def format_names() -> tuple[str, ...]:
-    return tuple(sorted(_FORMATS))
+    return _FORMATS.names()
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
