@@ -18,7 +18,9 @@ from recoup.stages.export import ExportConfig
 from recoup.stages.prepare import PrepareConfig
 from recoup.stages.report import ReportConfig
 from recoup.stages.select import SelectConfig
+from recoup.stages.sensitivity import SensitivityConfig
 from recoup.stages.svd import SvdConfig
+from recoup.stages.synthesize import SynthesizeConfig
 from recoup.stages.train import TrainConfig
 
 DATA_DIR_ENV = "RECOUP_DATA_DIR"
@@ -65,8 +67,10 @@ class RunConfig(StrictModel):
     run: RunSection
     cluster: ClusterConfig = ClusterConfig()
     prepare: PrepareConfig
+    synthesize: SynthesizeConfig = SynthesizeConfig()
     degrade: DegradeConfig = DegradeConfig()
     data: DataConfig = DataConfig()
+    sensitivity: SensitivityConfig = SensitivityConfig()
     collect: CollectConfig = CollectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     svd: SvdConfig = SvdConfig()

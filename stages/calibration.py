@@ -8,6 +8,7 @@ hard-coded: count, length and seed come from the config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +29,46 @@ class CalibrationConfig(StrictModel):
     seed: int = Field(0, description="Seed of the window offsets.")
 
 
-def resolve_source_paths(data: Any, data_dir: Path) -> Any:
-    """Relative ``path`` fields of a source config are read from the data dir."""
+def resolve_source_paths(data: Any, data_dir: Path | Callable[[], Path], *,
+                         synthesized: Path | None = None, field: str = "data.source") -> Any:
+    """Relative ``path`` fields of a source config are read from the data dir.
+
+    ``data_dir`` may be a function, called only when a relative path needs it: a data-free
+    run need not have a data folder.
+    A ``synthetic`` source without a path reads this run's synthesize stage output
+    (``synthesized``: that stage's folder, when it is in the pipeline).
+    """
     path = getattr(data, "path", None)
+    if getattr(data, "source", None) == "synthetic" and path is None:
+        from recoup.stages.synthesize import OUTPUT
+
+        if synthesized is None:
+            raise ValueError(f"{field} is 'synthetic' without a path, so it reads this run's "
+                             "synthesize stage; add synthesize to run.pipeline before this stage")
+        return data.model_copy(update={"path": synthesized / OUTPUT})
     if isinstance(path, Path) and not path.is_absolute():
-        return data.model_copy(update={"path": data_dir / path})
+        folder = data_dir() if callable(data_dir) else data_dir
+        return data.model_copy(update={"path": folder / path})
     return data
 
 
-def calibration_ids(cfg: CalibrationConfig, tokenizer: Any, data_dir: Path,
-                    *, max_positions: int) -> torch.Tensor:
+def calibration_ids(cfg: CalibrationConfig, tokenizer: Any, data_dir: Path | Callable[[], Path],
+                    *, max_positions: int, synthesized: Path | None = None,
+                    field: str = "degrade.calibration") -> torch.Tensor:
     """(num_samples, seq_len) token ids drawn from the configured text."""
     if cfg.seq_len > max_positions:
         raise ValueError(
-            f"degrade.calibration.seq_len={cfg.seq_len} is longer than the model allows "
+            f"{field}.seq_len={cfg.seq_len} is longer than the model allows "
             f"({max_positions} positions)"
         )
-    samples = load_samples(resolve_source_paths(cfg.data, data_dir))
+    samples = load_samples(resolve_source_paths(cfg.data, data_dir, synthesized=synthesized,
+                                                field=f"{field}.data"))
     text = "\n\n".join(s.prompt + s.response for s in samples)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() <= cfg.seq_len:
         raise ValueError(
             f"calibration text has {ids.numel()} tokens, not enough for windows of "
-            f"degrade.calibration.seq_len={cfg.seq_len}"
+            f"{field}.seq_len={cfg.seq_len}"
         )
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randint(0, ids.numel() - cfg.seq_len, (cfg.num_samples,), generator=gen)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ DEFAULT_MAX_LENGTH = 512
 class DataConfig(StrictModel):
     source: SourceConfig = Field(
         AlpacaSourceConfig(path=Path("alpaca/train.jsonl")),
-        description="Data source (alpaca, jsonl, text, hf) with its num_samples and seed; "
+        description="Data source (alpaca, jsonl, text, hf, synthetic) with its num_samples "
+        "and seed; "
         "relative paths are read from the data dir.",
     )
     max_length: int = Field(
@@ -109,10 +110,10 @@ def fit_samples(samples: Sequence[Sample], tokenizer: Any, max_length: int,
     return kept, lengths
 
 
-def select_samples(cfg: DataConfig, tokenizer: Any, data_dir: Path,
-                   ) -> tuple[list[Sample], dict[str, Any]]:
+def select_samples(cfg: DataConfig, tokenizer: Any, data_dir: Path | Callable[[], Path], *,
+                   synthesized: Path | None = None) -> tuple[list[Sample], dict[str, Any]]:
     """The configured samples: every usable record, over-long ones skipped, seeded subset."""
-    source = resolve_source_paths(cfg.source, data_dir)
+    source = resolve_source_paths(cfg.source, data_dir, synthesized=synthesized)
     every = load_samples(source.model_copy(update={"num_samples": None}))
     fitting, lengths = fit_samples(every, tokenizer, cfg.max_length)
     wanted = cfg.source.num_samples
@@ -148,11 +149,13 @@ def _summary(m: Metrics) -> str:
     return text
 
 
-@register_stage(name="data", version=1, requires=("prepare",), summarize=_summary)
+@register_stage(name="data", version=1, requires=("prepare",), optional=("synthesize",),
+                summarize=_summary)
 def data(ctx: StageContext) -> Metrics:
     cfg: DataConfig = ctx.config
     tokenizer = modelio.load_tokenizer(ctx.input("prepare") / MODEL_DIR)
-    samples, stats = select_samples(cfg, tokenizer, ctx.run.run.resolved_data_dir())
+    samples, stats = select_samples(cfg, tokenizer, ctx.run.run.resolved_data_dir,
+                                    synthesized=ctx.inputs.get("synthesize"))
     ctx.log.info("%d samples from the %s source (%d of %d skipped as longer than %d tokens)",
                  len(samples), cfg.source.source, stats["skipped_too_long"],
                  stats["candidates"], cfg.max_length)

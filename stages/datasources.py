@@ -148,8 +148,20 @@ class HfSourceConfig(SourceConfigBase):
     )
 
 
+class SyntheticSourceConfig(SourceConfigBase):
+    """Text the dense model wrote itself (the ``synthesize`` stage), for data-free recovery."""
+
+    source: Literal["synthetic"] = Field(default="synthetic", description="Source name.")
+    path: Path | None = Field(
+        default=None,
+        description="A synthetic.parquet file (id, prompt, response); unset: this run's "
+        "synthesize stage output (synthesize must then come earlier in run.pipeline).",
+    )
+
+
 SourceConfig = Annotated[
-    AlpacaSourceConfig | JsonlSourceConfig | TextSourceConfig | HfSourceConfig,
+    AlpacaSourceConfig | JsonlSourceConfig | TextSourceConfig | HfSourceConfig
+    | SyntheticSourceConfig,
     Field(discriminator="source"),
 ]
 """The built-in source configs as one tagged union, for composing into a run config."""
@@ -451,6 +463,26 @@ def _load_text(cfg: TextSourceConfig) -> list[Sample]:
     chunks = chunk_text(path.read_text(encoding="utf-8"), cfg.chunk_chars)
     rows = ((i, chunk, "") for i, chunk in enumerate(chunks))
     return _finish("text", str(path), path.name, rows, cfg, need_response=False)
+
+
+@register_source("synthetic", SyntheticSourceConfig)
+def _load_synthetic(cfg: SyntheticSourceConfig) -> list[Sample]:
+    """The synthesize stage's Parquet file: ids, prompts and responses as written there."""
+    import pyarrow.parquet as pq
+
+    if cfg.path is None:
+        raise ValueError("synthetic source: no path; a stage reading it resolves it to the "
+                         "run's synthesize output (see resolve_source_paths)")
+    path = _existing_file("synthetic", cfg.path)
+    table = pq.read_table(path, columns=["id", "prompt", "response"]).to_pylist()
+    by_id = {r["id"]: i for i, r in enumerate(table)}
+    if len(by_id) != len(table):
+        raise ValueError(f"synthetic source: {path} repeats sample ids")
+    rows = ((i, r["prompt"], r["response"]) for i, r in enumerate(table))
+    samples = _finish("synthetic", str(path), "", rows, cfg, need_response=True)
+    # keep the generator's ids (synthetic#N) instead of re-numbering by row
+    return [Sample(id=table[int(s.id.split("#")[1])]["id"], prompt=s.prompt,
+                   response=s.response) for s in samples]
 
 
 def _check_local_data_files(data_files: str | list[str] | None) -> None:

@@ -81,6 +81,8 @@ class DegradeInputs:
     data_dir: Callable[[], Path]
     device: torch.device
     progress: bool
+    #: the synthesize stage's folder when it is in the pipeline (synthetic calibration text)
+    synthesized: Path | None = None
 
 
 #: name -> function(cfg, inputs) -> (degraded model, tokenizer, masks by weight name)
@@ -122,7 +124,8 @@ def _blockwise(method: str) -> DegradeMethod:
         calib = None
         if driver.statistic is not None:
             calib = calibration_ids(
-                cfg.calibration, tokenizer, inp.data_dir(), max_positions=inp.card.max_positions
+                cfg.calibration, tokenizer, inp.data_dir, max_positions=inp.card.max_positions,
+                synthesized=inp.synthesized,
             )
         result = blockwise.degrade_blockwise(
             model, calib, spec, device=inp.device, micro_batch=cfg.micro_batch,
@@ -184,7 +187,8 @@ def _summary(m: Metrics) -> str:
     return text
 
 
-@register_stage(name="degrade", version=1, requires=("prepare",), summarize=_summary)
+@register_stage(name="degrade", version=1, requires=("prepare",), optional=("synthesize",),
+                summarize=_summary)
 def degrade(ctx: StageContext) -> Metrics:
     cfg: DegradeConfig = ctx.config
     method = get_method(cfg.method)
@@ -195,6 +199,7 @@ def degrade(ctx: StageContext) -> Metrics:
         data_dir=ctx.run.run.resolved_data_dir,
         device=torch.device(ctx.run.run.device),
         progress=ctx.progress,
+        synthesized=ctx.inputs.get("synthesize"),
     )
     model, tokenizer, masks = method(cfg, inputs)
     prunes = cfg.method in blockwise.available_methods() and \

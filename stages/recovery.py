@@ -68,7 +68,9 @@ class LoraAdapterConfig(StrictModel):
     layers: tuple[int, ...] | Literal["auto"] = Field(
         "auto",
         description="Decoder layers that get adapters: a list of indices, or 'auto' = the "
-        "`auto_layers` layers whose outputs differ most between dense and degraded.",
+        "`auto_layers` layers whose outputs differ most between dense and degraded (from "
+        "the sensitivity stage when it is in the pipeline, else measured on the first "
+        "`auto_samples` training samples).",
     )
     auto_layers: int = Field(4, ge=1, description="'auto': how many layers.")
     auto_samples: int = Field(

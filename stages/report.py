@@ -38,8 +38,8 @@ MARKDOWN = "report.md"
 HTML = "report.html"
 MODELS = ("dense", "degraded", "recovered")
 #: The stages a report reads when they are in the pipeline, in pipeline order.
-SOURCE_STAGES = ("prepare", "degrade", "data", "collect", "svd", "select", "train", "export",
-                 "evaluate")
+SOURCE_STAGES = ("prepare", "synthesize", "degrade", "data", "sensitivity", "collect", "svd",
+                 "select", "train", "export", "evaluate")
 PLOT_DPI = 100
 
 
@@ -310,6 +310,16 @@ def notes(facts: RunFacts) -> list[str]:
         out.append("Gap closed = (degraded − recovered) / (degraded − dense): 100% is back to "
                    "dense, 0% no better than degraded; — where degradation cost nothing on "
                    "that metric.")
+    if "synthesize" in facts.manifests:
+        m = facts.metrics("synthesize")
+        out.append(f"Data-free: the dense model wrote {m['samples']} {m['mode']} samples "
+                   f"itself ({m['duplicates']} duplicates and {m['too_short']} too-short ones "
+                   "dropped); stages whose data source is 'synthetic' read only those.")
+    if "sensitivity" in facts.manifests:
+        m = facts.metrics("sensitivity")
+        out.append(f"Layer sensitivity: relative output error of each degraded decoder layer, "
+                   f"fed the dense model's input to it, on {m['samples']} samples of the data "
+                   "stage; LoRA's auto layers are the highest.")
     for stage, why in facts.skipped.items():
         out.append(f"Stage {stage} is not included: {why}.")
     return out
@@ -466,6 +476,23 @@ def loss_png(log: Sequence[Mapping[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
+def sensitivity_png(errors: Sequence[float], lora_layers: Sequence[int]) -> bytes | None:
+    """One bar per decoder layer: how far compression moved its output; LoRA layers dark."""
+    if not errors:
+        return None
+    fig = _figure(6.0, 3.0)
+    ax = fig.add_subplot()
+    chosen = set(lora_layers)
+    ax.bar(range(len(errors)), errors,
+           color=["tab:red" if i in chosen else "tab:gray" for i in range(len(errors))])
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative output error")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("layer sensitivity" + (" (red: LoRA layers)" if chosen else ""), fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Plot:
     title: str
@@ -488,6 +515,11 @@ def plots(facts: RunFacts, spectra_heads: int) -> list[Plot]:
                                                       facts.folders.get("select"),
                                                       spectra_heads)):
         out.append(Plot(title="Singular value spectra", png=png))
+    if "sensitivity" in facts.manifests:
+        lora = facts.metrics("train").get("lora_layers", []) if "train" in facts.manifests \
+            else []
+        if png := sensitivity_png(facts.metrics("sensitivity")["errors"], lora):
+            out.append(Plot(title="Layer sensitivity", png=png))
     if "train" in facts.folders and (png := loss_png(read_train_log(facts.folders["train"]))):
         out.append(Plot(title="Training loss", png=png))
     return out
@@ -599,10 +631,15 @@ def describe_run(facts: RunFacts) -> dict[str, str]:
         selector = f"{sel.get('method', '?')}, {size}"
     tp = trainable(facts)
     total = sum(m.duration_s for m in facts.manifests.values())
+    data = "—"
+    if "data" in facts.manifests:
+        src = _get(facts.config("data"), "source") or {}
+        data = f"{src.get('source', '?')}, {facts.metrics('data').get('samples', '?')} samples"
     return {
         "degradation": degrade,
         "recovery": str(facts.config("train").get("method", "—")) if "train" in facts.manifests
         else "—",
+        "training data": data,
         "selector": selector,
         "trainable parameters": "—" if tp is None else f"{tp[0]:,} ({100 * tp[1]:.4f}%)",
         "wall time (all stages)": _duration(total),

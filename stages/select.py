@@ -222,8 +222,10 @@ def _kl_scores(ctx: StageContext, cfg: SelectConfig, card: modelio.ModelCard,
     dtype = modelio.DTYPES[card.dtype]
     dense_dir = ctx.input("prepare") / MODEL_DIR
     tokenizer = modelio.load_tokenizer(dense_dir)
-    windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.run.run.resolved_data_dir(),
-                              max_positions=card.max_positions)  # (W, T)
+    windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.run.run.resolved_data_dir,
+                              max_positions=card.max_positions,
+                              synthesized=ctx.inputs.get("synthesize"),
+                              field="select.kl.calibration")  # (W, T)
     dense = modelio.load_model(dense_dir, dtype, str(device))
     degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, str(device))
     modelio.check_same_architecture(dense, degraded, "select (kl): the degraded model")
@@ -262,7 +264,7 @@ def _summary(m: Metrics) -> str:
 
 
 @register_stage(name="select", version=1, requires=("prepare", "degrade", "collect", "svd"),
-                summarize=_summary)
+                optional=("synthesize",), summarize=_summary)
 def select(ctx: StageContext) -> Metrics:
     cfg: SelectConfig = ctx.config
     sel = cfg.selector

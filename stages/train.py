@@ -51,6 +51,7 @@ from recoup.stages.recovery import (
     rank_layers,
     top_layers,
 )
+from recoup.stages.sensitivity import read_sensitivity
 from recoup.stages.triplets import read_parquet
 
 STAGE_VERSION = 1
@@ -185,7 +186,15 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
                                           cfg.lcc.init_directions)
         facts["chosen_heads"] = len(chosen)
     if method.uses_lora:
-        if cfg.lora.layers == "auto":
+        if cfg.lora.layers == "auto" and "sensitivity" in ctx.inputs:
+            errors = torch.tensor(read_sensitivity(ctx.input("sensitivity"))["errors"])
+            if cfg.lora.auto_layers > errors.numel():
+                raise ValueError(f"train.lora.auto_layers={cfg.lora.auto_layers} exceeds the "
+                                 f"model's {errors.numel()} layers")
+            layers = tuple(top_layers(errors, cfg.lora.auto_layers))
+            facts["layer_errors"] = [round(float(e), 6) for e in errors]
+            facts["layers_from"] = "sensitivity"
+        elif cfg.lora.layers == "auto":
             layers, errors = auto_lora_layers(ctx, encoded, pad, card.dtype)
             facts["layer_errors"] = [round(float(e), 6) for e in errors]
         else:
@@ -246,7 +255,8 @@ def train_stage(ctx: StageContext) -> Metrics:
 
 
 register_stage(name="train", version=STAGE_VERSION, resumable=True,
-               requires=("prepare", "degrade", "data"), optional=("collect", "svd", "select"),
+               requires=("prepare", "degrade", "data"),
+               optional=("collect", "svd", "select", "sensitivity"),
                summarize=_summary)(train_stage)
 
 
