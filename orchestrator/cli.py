@@ -47,6 +47,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"run.dir={args.run_dir}")
     cfg = load_config(RunConfig, Path(args.config), overrides)
+    # Ray workers and Ray Train's storage need paths that do not depend on a working dir
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(
+        update={"dir": cfg.run.dir.expanduser().absolute()})})
     print(f"run directory: {cfg.run.dir}")
     run_pipeline(cfg, executor_factory=_executor_factory(cfg), progress=not args.no_progress)
     return 0
