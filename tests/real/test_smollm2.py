@@ -33,3 +33,29 @@ def test_smollm2_prepare_degrade_evaluate(tmp_path: Path, data_dir: Path) -> Non
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "prepare" / "model")
     assert getattr(model.config, "quantization_config", None) is None
     assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["text", "chat"])
+def test_smollm2_writes_its_own_training_text(tmp_path: Path, data_dir: Path,
+                                              mode: str) -> None:
+    """Synthetic data from the real model: ordinary text, and in chat mode a user message
+    the model wrote inside SmolLM2's ChatML template, followed by its answer."""
+    import pyarrow.parquet as pq
+
+    cfg = tiny_config(tmp_path / "run", data_dir, prepare={"source": "smollm2-135m"},
+                      run={"pipeline": ["prepare", "synthesize"]},
+                      synthesize={"num_samples": 4, "mode": mode, "length": 24,
+                                  "prompt_length": 16, "batch_size": 4,
+                                  "samples_per_shard": 4})
+    out = run_pipeline(cfg, progress=False, echo=lambda s: None)
+    rows = pq.read_table(tmp_path / "run" / "synthesize" / "synthetic.parquet").to_pylist()
+    assert out.metrics["synthesize"]["samples"] == len(rows) >= 3
+    for r in rows:
+        assert r["response"].strip()
+        assert "<|im_end|>" not in r["response"]
+        if mode == "chat":
+            assert r["prompt"].startswith("<|im_start|>system")
+            assert r["prompt"].endswith("<|im_start|>assistant\n")
+        else:
+            assert "<|im_start|>" not in r["prompt"]
