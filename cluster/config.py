@@ -19,7 +19,11 @@ class StageResources(StrictModel):
 
 
 class ClusterConfig(StrictModel):
-    """Where stages run."""
+    """Where stages run, and how failures of the machines they run on are retried.
+
+    This section is part of no stage's fingerprint: changing it re-runs nothing that is
+    finished (which is why the training retry policy lives here and not in train.engine).
+    """
 
     mode: Literal["ray", "inprocess"] = Field(
         "ray",
@@ -50,6 +54,13 @@ class ClusterConfig(StrictModel):
     )
     dashboard: bool = Field(
         False, description="Start Ray's dashboard (on 127.0.0.1) with the embedded local Ray."
+    )
+    train_max_failures: int = Field(
+        2, ge=0,
+        description="Ray Train: times the training worker group is restarted after a worker "
+        "process died (node lost, OOM kill); each restart resumes from the last DeepSpeed "
+        "checkpoint, so the result is that of an uninterrupted run. 0: fail at once (a "
+        "later `recoup run` still resumes). No effect with mode 'inprocess'.",
     )
 
     @field_validator("stages")

@@ -26,6 +26,11 @@ Checkpoints (``OUT/checkpoints``): DeepSpeed tags ``step-NNNNNN`` saved every
 ``job.json`` holds the fingerprint of the job; checkpoints of another job are deleted
 before training, never resumed. ``OUT/log.jsonl`` gets one line per optimizer step from
 rank 0 (step, loss, lr, tokens, elapsed); lines past the resumed step are dropped.
+
+Worker failures: when a Ray Train worker process dies (a lost node, an OOM kill), Ray Train
+restarts the whole worker group, up to ``cluster.train_max_failures`` times; the restarted
+loop resumes from the last complete checkpoint exactly as a resumed ``recoup run`` does, so
+the run ends where an uninterrupted one ends.
 """
 
 from __future__ import annotations
@@ -82,6 +87,26 @@ TaskFactory = Callable[[Any, torch.device], TrainTask]
 
 class TrainingStopped(RuntimeError):
     """Raised after ``stop_after_steps``: a stand-in for a crash, used by resume tests."""
+
+
+@dataclass(frozen=True)
+class CrashHook:
+    """Test hook: the first worker to delete ``file`` after optimizer step ``after_step``
+    ends its own process with ``os._exit`` (no cleanup, no exception: what an OOM kill or a
+    lost node looks like to Ray Train). Only one worker wins the file, so the restarted
+    group trains on. Never set in real runs; in-process it would end the driver."""
+
+    file: Path
+    after_step: int
+
+    def maybe_crash(self, step: int) -> None:
+        if step != self.after_step:
+            return
+        try:
+            os.unlink(self.file)
+        except FileNotFoundError:
+            return
+        os._exit(1)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -294,6 +319,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         done = step + 1
         if done % engine_cfg.checkpoint_every == 0 or done == engine_cfg.steps:
             _save_checkpoint(engine, ckpt_dir, done, engine_cfg.keep_checkpoints, rank)
+        if config.get("crash") is not None:
+            config["crash"].maybe_crash(done)
         if stop is not None and done >= stop and done < engine_cfg.steps:
             bar.close()
             raise TrainingStopped(f"stopped after step {done} (stop_after_steps)")
@@ -408,8 +435,11 @@ def _run_ray(config: dict[str, Any], engine: EngineConfig, cluster: ClusterConfi
             scaling_config=ScalingConfig(num_workers=engine.workers, use_gpu=gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            # A dead worker restarts the group, whose train_loop resumes from the last
+            # complete checkpoint (latest.json); prepare_checkpoints ran once, above.
             run_config=RunConfig(storage_path=str(storage), name="train",
-                                 failure_config=FailureConfig(max_failures=0)),
+                                 failure_config=FailureConfig(
+                                     max_failures=cluster.train_max_failures)),
         )
         trainer.fit()
     except Exception as e:
@@ -431,12 +461,15 @@ def _root_cause(e: BaseException) -> str:
 
 def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig,
                  cluster: ClusterConfig, device: str, out_dir: Path, fingerprint: str,
-                 progress: bool = True, stop_after_steps: int | None = None) -> dict[str, Any]:
+                 progress: bool = True, stop_after_steps: int | None = None,
+                 crash: CrashHook | None = None) -> dict[str, Any]:
     """Train ``make_task(task_spec, device)`` under DeepSpeed; resume from ``out_dir``'s
     checkpoints when they belong to ``fingerprint``. Returns the summary of rank 0.
 
-    ``out_dir`` must be visible to every worker (one machine, or shared storage).
-    ``stop_after_steps`` raises :class:`TrainingStopped` after that step (tests only).
+    ``out_dir`` must be visible to every worker (one machine, or shared storage). On Ray,
+    a worker that dies restarts the worker group up to ``cluster.train_max_failures``
+    times, each time from the last checkpoint. ``stop_after_steps`` raises
+    :class:`TrainingStopped` after that step and ``crash`` kills a worker (tests only).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_from = prepare_checkpoints(out_dir / CHECKPOINTS, fingerprint)
@@ -446,6 +479,7 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
     config = {
         "make_task": make_task, "task_spec": task_spec, "engine": engine, "device": device,
         "out_dir": str(out_dir), "progress": progress, "stop_after_steps": stop_after_steps,
+        "crash": crash,
     }
     if cluster.mode == "inprocess":
         return _run_inprocess(config)
@@ -458,6 +492,7 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
 
 __all__ = (
     "CHECKPOINTS",
+    "CrashHook",
     "LOG",
     "PARAMS",
     "RESULT",

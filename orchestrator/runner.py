@@ -76,6 +76,10 @@ class StagePlan:
     reasons: tuple[str, ...] = ()
     manifest: store.Manifest | None = None
     failure: dict[str, Any] | None = None
+    #: what is wrong with the stage's files on disk (unreadable manifest, an output missing,
+    #: resized or corrupted), naming the file; logged when the stage is re-run, so run.log
+    #: keeps a record of damage that a later clean run would otherwise hide
+    damage: str | None = None
 
     @property
     def name(self) -> str:
@@ -136,13 +140,14 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
         manifest = store.read_manifest(stage_dir)
     except store.ManifestError as e:
         if (stage_dir / store.MANIFEST).exists():
-            return StagePlan(**base, state="stale", reasons=(str(e),))
+            return StagePlan(**base, state="stale", reasons=(str(e),), damage=str(e))
     if manifest is not None:
         if manifest.fingerprint == fp and upstream_ok:
             try:
                 store.verify_outputs(stage_dir, manifest, verify)
             except store.ManifestError as e:
-                return StagePlan(**base, state="stale", reasons=(str(e),), manifest=manifest)
+                return StagePlan(**base, state="stale", reasons=(str(e),), manifest=manifest,
+                                 damage=str(e))
             return StagePlan(**base, state="done", manifest=manifest)
         if manifest.fingerprint == fp:
             reasons = [f"upstream stage '{r}' is re-run" for r in upstream]
@@ -317,6 +322,8 @@ def run_pipeline(
                     outcome.metrics[plan.name] = plan.manifest.metrics
                 else:
                     echo(describe_plan(plan))
+                    if plan.damage is not None:
+                        log.warning("%s: recomputing: %s", plan.name, plan.damage)
                     if executor is None:
                         executor = executor_factory()
                     spec_inputs = {r: inputs[r] for r in deps}

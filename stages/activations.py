@@ -11,7 +11,10 @@ Each Parquet file has the columns ``sample_id`` (string), ``view`` (string, one 
 ``n_heads * d_head``: the input of ``self_attn.o_proj`` at the chosen token, heads
 concatenated). Partitioning by layer lets a per-layer job read one layer and nothing else.
 A shard's files count only once its marker exists; files are written through a temporary
-name, so a killed writer leaves nothing that looks complete.
+name, so a killed writer leaves nothing that looks complete. The marker records each layer
+file's size and sha256 under ``files`` (path relative to the stage folder), so a shard
+damaged after it was finished (a bad disk, a truncating copy) is caught before it is
+reused: :func:`shard_problem`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recoup.orchestrator.store import TMP_MARK, atomic_write_json
+from recoup.orchestrator.store import TMP_MARK, atomic_write_json, sha256_file
 
 #: dense(q), dense(q + r+), dense(q + r-), degraded(q)
 VIEWS = ("dense_q", "dense_pos", "dense_neg", "degraded_q")
 ACTS_DIR = "acts"
 SHARDS_DIR = "shards"
+#: marker key: relative path of each layer file -> {"size": bytes, "sha256": hex digest}
+FILES_KEY = "files"
 _PA_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 #: Activations are all distinct floats: a dictionary page (Parquet's default) makes the file
@@ -84,6 +89,43 @@ def write_layer_shard(path: Path, sample_ids: list[str], views: list[str], acts:
 
 def mark_shard_done(root: Path, shard: int, info: Mapping[str, object]) -> None:
     atomic_write_json(marker_file(root, shard), dict(info))
+
+
+def file_records(root: Path, shard: int, layers: int) -> dict[str, dict[str, object]]:
+    """Size and sha256 of each layer file of ``shard``, keyed by path relative to ``root``:
+    what the marker stores so that reuse can tell an intact shard from a damaged one."""
+    out: dict[str, dict[str, object]] = {}
+    for layer in range(layers):
+        path = shard_file(root, layer, shard)
+        out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size,
+                                                  "sha256": sha256_file(path)}
+    return out
+
+
+def shard_problem(root: Path, shard: int, marker: Mapping[str, object], layers: int,
+                  ) -> str | None:
+    """Why the files of a marked shard cannot be trusted (naming the file), or None.
+
+    Each of its ``layers`` layer files must exist with the size and sha256 its marker
+    recorded. A marker without records (written before they existed) cannot vouch for its
+    files, so the shard counts as unverifiable rather than silently trusted.
+    """
+    records = marker.get(FILES_KEY)
+    if not isinstance(records, Mapping):
+        return f"{marker_file(root, shard)} records no checksums of its files"
+    for layer in range(layers):
+        path = shard_file(root, layer, shard)
+        expected = records.get(path.relative_to(root).as_posix())
+        if not isinstance(expected, Mapping):
+            return f"{marker_file(root, shard)} records no checksum of {path}"
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{path} has {size} bytes, its shard marker says {expected.get('size')}"
+        if sha256_file(path) != expected.get("sha256"):
+            return f"{path} does not match its sha256 in the shard marker (corrupted)"
+    return None
 
 
 def done_shards(root: Path) -> set[int]:

@@ -8,8 +8,9 @@ Samples are cut into shards of ``samples_per_shard`` in ``triplets.parquet`` ord
 of workers (:func:`recoup.cluster.pool.run_shards`: Ray actors, or one in-process worker)
 loads both models once each and processes shards. A shard writes one Parquet file per layer
 through temporary names, then its marker; see :mod:`recoup.stages.activations` for the
-layout. The stage is resumable: a shard whose marker exists *and carries this run's shard
-key* is kept, everything else in the folder is deleted and recomputed. The key hashes what
+layout. The stage is resumable: a shard whose marker exists, carries this run's shard key
+*and* whose layer files still match the sizes and sha256 the marker recorded is kept,
+everything else in the folder is deleted and recomputed. The key hashes what
 changes the numbers (batching, padding, position, dtype, shard size, device kind, and the
 upstream stages' fingerprints), so a shard from another config is never mixed in, while a
 change of worker count reuses every finished shard.
@@ -192,8 +193,10 @@ class CollectWorker:
                                           ids, views, acts[layer], job.act_dtype)
             if layer == 0:
                 self._maybe_crash()
+        layers = int(acts.shape[0])
         info = {"key": job.key, "shard": shard, "samples": len(rows), "rows": len(ids),
-                "layers": int(acts.shape[0]), "first_id": rows[0].id, "last_id": rows[-1].id,
+                "layers": layers, "first_id": rows[0].id, "last_id": rows[-1].id,
+                activations.FILES_KEY: activations.file_records(job.out_dir, shard, layers),
                 **counts, "started": started, "finished": time.time()}
         activations.mark_shard_done(job.out_dir, shard, info)
         return info
@@ -226,21 +229,44 @@ def _read_marker(root: Path, shard: int) -> dict[str, Any] | None:
         return None
 
 
+def _stale_reason(job: CollectJob, shard: int, layers: int,
+                  marker: dict[str, Any] | None) -> str | None:
+    """Why a marked shard does not belong to this job (a normal sight after a config
+    change), or None when it does."""
+    if shard >= job.num_shards:
+        return f"it is beyond the {job.num_shards} shards of this run"
+    if marker is None:
+        return f"{activations.marker_file(job.out_dir, shard)} is unreadable"
+    if marker.get("key") != job.key or marker.get("layers") != layers:
+        return "it was computed for another config"
+    return None
+
+
 def reusable_shards(job: CollectJob, layers: int) -> set[int]:
     """Finished shards of this job; every other file in the folder is deleted.
 
-    A shard is reused when its marker carries ``job.key`` and all its layer files exist.
-    Files of other shards (unmarked: a killed writer; other key: another config; beyond the
-    shard count: a larger earlier run) go, so the finished folder holds this run's data only.
+    A shard is reused when its marker carries ``job.key`` and each of its layer files has
+    the size and sha256 the marker recorded. The runner re-runs collect when it finds an
+    output that disagrees with the manifest, keeping the folder (the stage is resumable):
+    the checksums make that re-run recompute the damaged shard instead of reusing it, and
+    the log names the bad file. Files of other shards (unmarked: a killed writer; other
+    key: another config; beyond the shard count: a larger earlier run) go, so the finished
+    folder holds this run's data only.
     """
     root = job.out_dir
     keep = set()
-    for shard in activations.done_shards(root):
+    for shard in sorted(activations.done_shards(root)):
         marker = _read_marker(root, shard)
-        files = [activations.shard_file(root, layer, shard) for layer in range(layers)]
-        if (shard < job.num_shards and marker is not None and marker.get("key") == job.key
-                and marker.get("layers") == layers and all(f.is_file() for f in files)):
-            keep.add(shard)
+        stale = _stale_reason(job, shard, layers, marker)
+        if stale is not None:
+            log.info("collect: not reusing shard %d: %s", shard, stale)
+            continue
+        assert marker is not None
+        damage = activations.shard_problem(root, shard, marker, layers)
+        if damage is not None:
+            log.warning("collect: recomputing shard %d: %s", shard, damage)
+            continue
+        keep.add(shard)
     wanted = {activations.marker_file(root, s) for s in keep}
     wanted |= {activations.shard_file(root, layer, s) for s in keep for layer in range(layers)}
     for sub in (activations.SHARDS_DIR, activations.ACTS_DIR):

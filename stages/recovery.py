@@ -180,8 +180,10 @@ class RecoveryModel(nn.Module):
         saved: dict[str, Any] = {}
         if self.lcc is not None:
             tensors = {k: v.float().contiguous() for k, v in self.lcc.state_tensors().items()}
+            # one metadata key: safetensors writes several in hash-map order, which would
+            # make the file's bytes (and its sha256 in the manifest) differ run to run
             save_file(tensors, str(folder / LCC_FILE),
-                      metadata={"n_heads": str(self.lcc.n_heads), "d_head": str(self.lcc.d_head)})
+                      metadata={"n_heads": str(self.lcc.n_heads)})
             saved["lcc_heads"] = len(self.lcc.chosen)
         if self.has_lora:
             self.base.save_pretrained(str(folder / LORA_DIR), safe_serialization=True)

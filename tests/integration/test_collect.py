@@ -1,9 +1,11 @@
 """The collect stage on the tiny Llama: its Parquet rows equal a direct single-process forward
 pass (bit for bit in float32), in-process and over 2 Ray actors; a killed worker is retried;
-a resumed run recomputes only the missing shard; shards of another config are never reused."""
+a resumed run recomputes only the missing shard, and a re-run only the damaged ones (the shard
+markers' checksums); shards of another config are never reused."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from recoup.orchestrator import store
-from recoup.orchestrator.runner import run_pipeline
+from recoup.orchestrator.runner import plan_run, run_pipeline
 from recoup.stages import activations, capture, modelio
 from recoup.stages import data as data_stage
 from recoup.stages.collect import CollectConfig, CollectJob, run_collect, view_sequences
@@ -185,6 +187,65 @@ def test_resume_recomputes_only_the_missing_shard(upstream: Path, tmp_path: Path
         if "shard-0001" not in p.name:
             assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, p
     _assert_equal_to(_stored(stage, TINY.layers), before)
+
+
+def _stamps(paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_a_damaged_shard_is_recomputed_alone_and_named_in_the_log(
+        upstream: Path, tmp_path: Path, data_dir: Path) -> None:
+    """After the manifest was written, one shard file gets a flipped byte (same size) and
+    another is truncated. The runner re-runs collect (a sha256 / size mismatch with the
+    manifest) and keeps its folder; the shard markers' own checksums make collect recompute
+    exactly those two shards, log each bad file's path, and leave the intact shard's files
+    untouched. The result equals the first run's."""
+    run_dir = _copy(upstream, tmp_path)
+    cfg = _cfg(run_dir, data_dir)
+    _run(cfg)
+    stage = run_dir / "collect"
+    before = _stored(stage, TINY.layers)
+    for shard in range(3):
+        marker = json.loads(activations.marker_file(stage, shard).read_text())
+        assert marker[activations.FILES_KEY] == activations.file_records(stage, shard, 2)
+    flipped, truncated = activations.shard_file(stage, 1, 0), activations.shard_file(stage, 0, 2)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    intact = [activations.shard_file(stage, layer, 1) for layer in range(TINY.layers)]
+    stamps = _stamps([*intact, activations.marker_file(stage, 1)])
+
+    plan = {p.name: p for p in plan_run(cfg)}["collect"]
+    assert plan.state == "stale" and str(truncated) in plan.reasons[0]
+    out = _run(cfg)
+    assert out.ran == ["collect"]
+    m = out.metrics["collect"]
+    assert (m["shards_computed"], m["shards_reused"]) == (2, 1)
+    assert _stamps(list(stamps)) == stamps
+    _assert_equal_to(_stored(stage, TINY.layers), before)
+    log = (run_dir / "logs" / "collect.log").read_text()
+    assert f"recomputing shard 0: {flipped} does not match its sha256 in the shard marker" in log
+    assert f"recomputing shard 2: {truncated} has 100 bytes, its shard marker says" in log
+
+
+def test_a_marker_without_checksums_is_not_trusted(upstream: Path, tmp_path: Path,
+                                                   data_dir: Path) -> None:
+    """A marker that records no checksums (written before markers had them) cannot vouch
+    for its files: that shard is recomputed, the others are reused."""
+    run_dir = _copy(upstream, tmp_path)
+    cfg = _cfg(run_dir, data_dir)
+    _run(cfg)
+    stage = run_dir / "collect"
+    marker = activations.marker_file(stage, 2)
+    old = json.loads(marker.read_text())
+    del old[activations.FILES_KEY]
+    marker.write_text(json.dumps(old))
+    (stage / store.MANIFEST).unlink()  # what an interrupted run leaves: collect runs again
+    m = _run(cfg).metrics["collect"]
+    assert (m["shards_computed"], m["shards_reused"]) == (1, 2)
+    assert activations.FILES_KEY in json.loads(marker.read_text())
+    assert f"{marker} records no checksums" in (run_dir / "logs" / "collect.log").read_text()
 
 
 @pytest.fixture(scope="module")

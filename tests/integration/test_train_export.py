@@ -27,7 +27,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from recoup.cluster.train import CHECKPOINTS, LOG, TrainingStopped, read_log, run_training
+from recoup.cluster.train import (
+    CHECKPOINTS,
+    LOG,
+    CrashHook,
+    TrainingStopped,
+    read_log,
+    run_training,
+)
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.runner import run_pipeline
 from recoup.orchestrator.stage import Metrics, StageContext
@@ -241,6 +248,50 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(
     pb = load_file(str(tmp_path / "killed" / PARAMS_DIR / LCC_FILE))
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=1e-5)
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    """The loss of every step and the trained parameters of two runs agree (float noise
+    only: a Ray worker runs torch on fewer threads than this process)."""
+    la, lb = read_log(a / LOG), read_log(b / LOG)
+    assert [r["step"] for r in lb] == [r["step"] for r in la]
+    for x, y in zip(la, lb, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        assert y["lr"] == pytest.approx(x["lr"])
+    pa = load_file(str(a / PARAMS_DIR / LCC_FILE))
+    pb = load_file(str(b / PARAMS_DIR / LCC_FILE))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("workers", "zero_stage"), [
+    (1, 2), pytest.param(2, 3, marks=pytest.mark.slow)])
+def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(
+        upstream: Upstream, tmp_path: Path, workers: int, zero_stage: int) -> None:
+    """A Ray Train worker process ends itself (``os._exit``, no cleanup) after step 3 of 6;
+    Ray Train restarts the worker group (``cluster.train_max_failures``), the loop resumes
+    from the step-2 checkpoint, and the run ends with the losses and trained parameters of
+    an uninterrupted run. One worker: the reference runs in-process (same world size, so
+    the same data order and seeds), keeping the default test to one Ray start; the slow
+    case kills one of 2 ZeRO-3 workers and compares with an uninterrupted 2-worker run."""
+    cfg = _config(upstream, mode="ray", method="lcc",
+                  engine={"zero_stage": zero_stage, "workers": workers})
+    job, _ = build_job(_ctx("train", cfg, tmp_path / "unused", upstream.inputs))
+
+    def train(out: Path, mode: str, crash: CrashHook | None = None) -> dict[str, Any]:
+        return run_training(make_task=build_task, task_spec=job, engine=cfg.train.engine,
+                            cluster=cfg.cluster.model_copy(update={"mode": mode}),
+                            device="cpu", out_dir=out, fingerprint="job", progress=False,
+                            crash=crash)
+
+    train(tmp_path / "whole", "inprocess" if workers == 1 else "ray")
+    crash = tmp_path / "crash-once"
+    crash.write_text("the first worker to delete this after step 3 exits")
+    result = train(tmp_path / "killed", "ray", CrashHook(crash, after_step=3))
+    assert not crash.exists(), "no worker crashed"
+    assert result["resumed_from"] == 2 and result["world_size"] == workers
+    _assert_same_training(tmp_path / "whole", tmp_path / "killed")
 
 
 def test_checkpoints_of_another_job_are_not_resumed(upstream: Upstream, tmp_path: Path) -> None:
