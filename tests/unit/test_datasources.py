@@ -171,7 +171,8 @@ def test_bad_json_line_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_source_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown data source 'nope'.*alpaca, hf, jsonl, text"):
+    known = "alpaca, hf, jsonl, synthetic, text"
+    with pytest.raises(ValueError, match=rf"unknown data source 'nope'.*{known}"):
         ds.get_source("nope")
     with pytest.raises(ValueError, match=r"'nope'"):
         ds.parse_source_config({"source": "nope", "path": "x"})
@@ -182,7 +183,7 @@ def test_unknown_source_lists_known_ones() -> None:
 def test_registry_refuses_duplicates() -> None:
     with pytest.raises(ValueError, match=r"'alpaca' is already registered"):
         ds.register_source("alpaca", AlpacaSourceConfig)(lambda cfg: [])
-    assert ds.source_names() == ["alpaca", "hf", "jsonl", "text"]
+    assert ds.source_names() == ["alpaca", "hf", "jsonl", "synthetic", "text"]
 
 
 def test_configs_are_strict_and_frozen(tmp_path: Path) -> None:
@@ -265,3 +266,21 @@ def test_text_source_on_wikitext(wikitext_path: Path) -> None:
     assert all(s.response == "" and 0 < len(s.prompt) <= 4096 for s in samples)
     first = load_samples(TextSourceConfig(path=wikitext_path, chunk_chars=4096))[0]
     assert first.id == "wiki.test.raw#0" and first.prompt.startswith("= Robert Boulter =\n\n")
+
+
+def test_synthetic_source_keeps_the_generator_ids(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"synthetic#{i}", "prompt": f"p{i}", "response": f"r{i}"}
+            for i in (0, 2, 3, 7)]  # gaps: dropped duplicates keep their numbers out
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "synthetic.parquet")
+    cfg = ds.SyntheticSourceConfig(path=tmp_path / "synthetic.parquet")
+    assert [s.id for s in ds.load_samples(cfg)] == [r["id"] for r in rows]
+    sub = ds.load_samples(cfg.model_copy(update={"num_samples": 2}))
+    assert len(sub) == 2 and {s.id for s in sub} <= {r["id"] for r in rows}
+    assert all(s.prompt == "p" + s.id.split("#")[1] for s in sub)
+    with pytest.raises(ValueError, match="fewer than the 9"):
+        ds.load_samples(cfg.model_copy(update={"num_samples": 9}))
+    with pytest.raises(ValueError, match="no path"):
+        ds.load_samples(ds.SyntheticSourceConfig())
