@@ -314,9 +314,9 @@ def _layer_of(output: Any) -> Tensor:
 
 
 @torch.no_grad()
-def local_layer_outputs(dense: nn.Module, degraded: nn.Module, batch: Mapping[str, Tensor],
-                        ) -> tuple[list[Tensor], list[Tensor]]:
-    """Each decoder layer's output in both models, both fed the DENSE model's input.
+def local_layer_io(dense: nn.Module, degraded: nn.Module, batch: Mapping[str, Tensor],
+                   ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Each decoder layer's dense input, and its output in both models fed that input.
 
     Feeding the dense input to the degraded layer measures the damage of that layer
     alone; comparing end-to-end outputs would favour late layers, which inherit every
@@ -354,16 +354,40 @@ def local_layer_outputs(dense: nn.Module, degraded: nn.Module, batch: Mapping[st
     finally:
         for h in handles:
             h.remove()
+    return inputs, dense_out, deg_out
+
+
+def local_layer_outputs(dense: nn.Module, degraded: nn.Module, batch: Mapping[str, Tensor],
+                        ) -> tuple[list[Tensor], list[Tensor]]:
+    """Each decoder layer's output in both models, both fed the DENSE model's input."""
+    _, dense_out, deg_out = local_layer_io(dense, degraded, batch)
     return dense_out, deg_out
 
 
+#: What a layer's squared output error is divided by (see :func:`rank_layers`).
+Normalize = Literal["output", "update", "none"]
+
+
 def rank_layers(dense: nn.Module, degraded: nn.Module, batches: Sequence[Mapping[str, Tensor]],
-                ) -> Tensor:
-    """(n_layers,) relative output errors over all ``batches`` (sums pooled, then divided)."""
+                normalize: Normalize = "output") -> Tensor:
+    """(n_layers,) output errors over all ``batches`` (sums pooled, then divided).
+
+    ``normalize`` is what ``sum ||dense - degraded||^2`` of a layer is divided by:
+    ``output``: ``sum ||dense output||^2``, which includes the residual stream, so layers
+    carrying massive activations look undamaged; ``update``: ``sum ||dense output - input||^2``,
+    the layer's own contribution; ``none``: the token count (plain mean squared error).
+    """
     num = den = None
     for batch in batches:
-        d, g = local_layer_outputs(dense, degraded, batch)
-        n, m = layer_error_terms(d, g, batch["attention_mask"])
+        x, d, g = local_layer_io(dense, degraded, batch)
+        mask = batch["attention_mask"]
+        if normalize == "update":
+            n, _ = layer_error_terms(d, g, mask)
+            _, m = layer_error_terms([a - b for a, b in zip(d, x, strict=True)], d, mask)
+        else:
+            n, m = layer_error_terms(d, g, mask)
+            if normalize == "none":
+                m = torch.full_like(m, float(mask.sum()))
         num = n if num is None else num + n
         den = m if den is None else den + m
     if num is None or den is None:

@@ -26,7 +26,7 @@ from recoup.orchestrator.store import atomic_write_json
 from recoup.stages import modelio
 from recoup.stages.datasources import Sample
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import collate, encode_sample, rank_layers
+from recoup.stages.recovery import Normalize, collate, encode_sample, rank_layers
 from recoup.stages.triplets import read_parquet
 
 OUTPUT = "sensitivity.json"
@@ -39,6 +39,13 @@ class SensitivityConfig(StrictModel):
     samples: int = Field(32, ge=1, description="The data stage's first samples to run.")
     batch_size: int = Field(4, ge=1, description="Samples per forward pass.")
     max_seq_len: int = Field(256, ge=2, description="Tokens per sample (prompt + response), cut.")
+    normalize: Normalize = Field(
+        "output",
+        description="What a layer's squared output error is divided by: 'output' (the dense "
+        "output's norm, residual stream included), 'update' (the layer's own contribution, "
+        "output - input) or 'none' (per token). Middle layers with massive activations look "
+        "undamaged under 'output'.",
+    )
 
 
 def ranking(errors: list[float]) -> list[int]:
@@ -80,11 +87,11 @@ def sensitivity(ctx: StageContext) -> Metrics:
     dense = modelio.load_model(prepared / MODEL_DIR, dtype, device)
     degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, device)
     modelio.check_same_architecture(dense, degraded, "sensitivity: the degraded model")
-    errors = [float(e) for e in rank_layers(dense, degraded, batches)]
+    errors = [float(e) for e in rank_layers(dense, degraded, batches, cfg.normalize)]
     order = ranking(errors)
     ctx.log.info("layer output errors (most moved first): %s",
                  ", ".join(f"{i}:{errors[i]:.4f}" for i in order[:8]))
-    metrics: Metrics = {"layers": len(errors), "samples": len(encoded),
+    metrics: Metrics = {"layers": len(errors), "samples": len(encoded), "normalize": cfg.normalize,
                         "tokens": sum(len(e.ids) for e in encoded),
                         "errors": errors, "ranking": order}
     atomic_write_json(ctx.out_dir / OUTPUT, metrics)
