@@ -29,9 +29,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from recoup.cluster.config import ClusterConfig
+from recoup.orchestrator.config import StrictModel
 
 log = logging.getLogger("recoup.cluster")
 
@@ -40,6 +42,29 @@ IN_FLIGHT_PER_WORKER = 2
 
 DEFAULT_MAX_RETRIES = 2
 """Restarts of a dead worker process, and retries of each shard it held."""
+
+
+class PoolConfig(StrictModel):
+    """How a stage's worker pool is sized and retried; configs of stages that run one
+    extend this, so every pool reads the same four keys."""
+
+    workers: int = Field(1, ge=1, description="Pool workers; each loads its model(s) once.")
+    num_gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per worker (Ray); above 1 the models span several GPUs.")
+    num_cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per worker (Ray); unset: the cluster's CPUs / workers.")
+    max_retries: int = Field(
+        DEFAULT_MAX_RETRIES, ge=0,
+        description="Restarts of a dead worker process, and retries of its shards.")
+
+    def gpus_on(self, cluster: ClusterConfig) -> float:
+        """GPUs a worker is granted: none in-process, where ``run.device`` decides."""
+        return self.num_gpus_per_worker if cluster.mode == "ray" else 0.0
+
+
+def worker_device(num_gpus: float, device: str) -> str:
+    """The torch device of a pool worker: "cuda" when it was granted GPUs, else ``device``."""
+    return "cuda" if num_gpus > 0 else device
 
 
 class ShardWorker(Protocol):
@@ -150,11 +175,8 @@ def run_shards(
     worker_args: tuple[Any, ...],
     shard_ids: Sequence[int],
     cluster_cfg: ClusterConfig,
+    pool: PoolConfig,
     *,
-    num_workers: int,
-    num_cpus_per_worker: float | None = None,
-    num_gpus_per_worker: float = 0.0,
-    max_retries: int = DEFAULT_MAX_RETRIES,
     desc: str = "shards",
     progress: bool = True,
 ) -> dict[int, Any]:
@@ -162,15 +184,11 @@ def run_shards(
 
     ``worker_factory`` (a class or module-level function) and ``worker_args`` must be
     picklable: a Ray worker gets everything through them, never through globals. At most
-    ``len(shard_ids)`` workers start. ``num_cpus_per_worker`` unset: the cluster's CPUs
-    split evenly between the workers (in-process: torch's thread count is left alone).
-    ``num_gpus_per_worker`` above 1 gives one worker several GPUs, for a model that does
-    not fit on one; it is ignored in-process.
+    ``len(shard_ids)`` workers start. ``pool.num_cpus_per_worker`` unset: the cluster's
+    CPUs split evenly between the workers (in-process: torch's thread count is left alone).
+    ``pool.num_gpus_per_worker`` above 1 gives one worker several GPUs, for a model that
+    does not fit on one; it is ignored in-process.
     """
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be at least 0, got {max_retries}")
     if len(set(shard_ids)) != len(shard_ids):
         raise ValueError("shard ids must be unique")
     bar = tqdm(total=len(shard_ids), desc=desc, unit="shard", disable=not progress)
@@ -179,9 +197,10 @@ def run_shards(
             return {}
         if cluster_cfg.mode == "ray":
             return _on_ray(worker_factory, tuple(worker_args), shard_ids, cluster_cfg,
-                           min(num_workers, len(shard_ids)), num_cpus_per_worker,
-                           num_gpus_per_worker, max_retries, f"recoup:{desc}", bar)
-        threads = None if num_cpus_per_worker is None else worker_threads(num_cpus_per_worker)
+                           min(pool.workers, len(shard_ids)), pool.num_cpus_per_worker,
+                           pool.num_gpus_per_worker, pool.max_retries, f"recoup:{desc}", bar)
+        threads = None if pool.num_cpus_per_worker is None else \
+            worker_threads(pool.num_cpus_per_worker)
         return _in_process(worker_factory, tuple(worker_args), shard_ids, threads, bar)
     finally:
         bar.close()

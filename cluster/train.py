@@ -483,7 +483,8 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
     }
     if cluster.mode == "inprocess":
         return _run_inprocess(config)
-    storage = out_dir / f"ray{TMP_MARK}storage"
+    # absolute: Ray Train takes the storage path as a URI, which a relative path is not
+    storage = out_dir.absolute() / f"ray{TMP_MARK}storage"
     try:
         return _run_ray(config, engine, cluster, torch.device(device), storage)
     finally:

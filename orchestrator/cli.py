@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_dir:
         overrides.append(f"run.dir={args.run_dir}")
     cfg = load_config(RunConfig, Path(args.config), overrides)
-    # Ray workers and Ray Train's storage need paths that do not depend on a working dir
+    # resolved once, here: the run.dir printed and stored in the run is where the files are,
+    # whichever process (Ray worker, later `recoup status`) reads it
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(
         update={"dir": cfg.run.dir.expanduser().absolute()})})
     print(f"run directory: {cfg.run.dir}")

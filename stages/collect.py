@@ -35,8 +35,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
-from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.stages import activations, capture, modelio
 from recoup.stages import data as data_stage
@@ -52,8 +52,10 @@ VIEW_MODEL = {"dense_q": "dense", "dense_pos": "dense", "dense_neg": "dense",
 _ITEMSIZE = {"float16": 2, "float32": 4}
 
 
-class CollectConfig(StrictModel):
-    workers: int = Field(1, ge=1, description="Pool workers; each loads both models once.")
+class CollectConfig(PoolConfig):
+    """Collection settings; the pool keys (workers, GPUs, CPUs, retries) come from
+    :class:`PoolConfig`. Each worker loads both models once."""
+
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     dtype: Literal["float16", "float32"] = Field(
         "float32", description="Stored activation dtype; float16 halves the disk for 13B+.")
@@ -67,12 +69,6 @@ class CollectConfig(StrictModel):
         "right", description="Side padded in a batch; results do not depend on it.")
     samples_per_shard: int = Field(
         64, ge=1, description="Samples per shard: the unit of work, retry and resume.")
-    num_gpus_per_worker: float = Field(
-        0.0, ge=0, description="GPUs per worker (Ray); above 1 the models span several GPUs.")
-    num_cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs per worker (Ray); unset: the cluster's CPUs / workers.")
-    max_retries: int = Field(
-        2, ge=0, description="Restarts of a dead worker process, and retries of its shards.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +142,7 @@ class CollectWorker:
 
     def __init__(self, job: CollectJob) -> None:
         self.job = job
-        device = "cuda" if job.num_gpus_per_worker > 0 else job.device
+        device = worker_device(job.num_gpus_per_worker, job.device)
         dtype = modelio.DTYPES[job.model_dtype]
         self.tokenizer = modelio.load_tokenizer(job.dense_dir)
         pad = self.tokenizer.pad_token_id
@@ -216,7 +212,7 @@ def shard_key(cfg: CollectConfig, *, device: str, upstream: Mapping[str, str]) -
     payload = {
         "batch_size": cfg.batch_size, "dtype": cfg.dtype, "position": cfg.position,
         "padding_side": cfg.padding_side, "samples_per_shard": cfg.samples_per_shard,
-        "device": "cuda" if cfg.num_gpus_per_worker > 0 else torch.device(device).type,
+        "device": torch.device(worker_device(cfg.num_gpus_per_worker, device)).type,
         "upstream": dict(sorted(upstream.items())),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -293,8 +289,6 @@ def describe_bytes(n: float) -> str:
 def run_collect(job: CollectJob, cfg: CollectConfig, cluster_cfg: Any, *,
                 card: modelio.ModelCard, progress: bool = True) -> Metrics:
     """Compute every shard of ``job`` that is not finished yet; return the stage metrics."""
-    from recoup.cluster.pool import run_shards  # the pool imports Ray lazily
-
     per_sample = activation_bytes_per_sample(card, cfg.dtype)
     message = (f"collect: {job.num_samples} samples x {len(activations.VIEWS)} views x "
                f"{card.layers} layers x {card.heads} heads x {card.d_head} ({cfg.dtype}) = "
@@ -307,12 +301,8 @@ def run_collect(job: CollectJob, cfg: CollectConfig, cluster_cfg: Any, *,
     todo = [s for s in range(job.num_shards) if s not in keep]
     if keep:
         log.info("collect: reusing %d finished shards, computing %d", len(keep), len(todo))
-    results = run_shards(
-        CollectWorker, (job,), todo, cluster_cfg, num_workers=cfg.workers,
-        num_cpus_per_worker=cfg.num_cpus_per_worker,
-        num_gpus_per_worker=cfg.num_gpus_per_worker, max_retries=cfg.max_retries,
-        desc="collect", progress=progress,
-    )
+    results = run_shards(CollectWorker, (job,), todo, cluster_cfg, cfg, desc="collect",
+                         progress=progress)
     store.remove_temporaries(job.out_dir)  # left by workers that died mid-write
     missing = [s for s in range(job.num_shards) if s not in activations.done_shards(job.out_dir)]
     if missing:
@@ -356,8 +346,7 @@ def collect(ctx: StageContext) -> Metrics:
         samples_per_shard=cfg.samples_per_shard, max_length=int(info["max_length"]),
         batch_size=cfg.batch_size, act_dtype=cfg.dtype, position=cfg.position,
         padding_side=cfg.padding_side, device=ctx.run.run.device,
-        # in-process there is no GPU grant: run.device decides
-        num_gpus_per_worker=cfg.num_gpus_per_worker if ctx.run.cluster.mode == "ray" else 0.0,
+        num_gpus_per_worker=cfg.gpus_on(ctx.run.cluster),
         key=shard_key(cfg, device=ctx.run.run.device, upstream=upstream),
     )
     return run_collect(job, cfg, ctx.run.cluster, card=card, progress=ctx.progress)

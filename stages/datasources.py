@@ -467,7 +467,10 @@ def _load_text(cfg: TextSourceConfig) -> list[Sample]:
 
 @register_source("synthetic", SyntheticSourceConfig)
 def _load_synthetic(cfg: SyntheticSourceConfig) -> list[Sample]:
-    """The synthesize stage's Parquet file: ids, prompts and responses as written there."""
+    """The synthesize stage's samples file, its ids (``synthetic#N``) kept as written.
+
+    Any Parquet file with string columns id, prompt and response will do (others ignored).
+    """
     import pyarrow.parquet as pq
 
     if cfg.path is None:
@@ -475,14 +478,12 @@ def _load_synthetic(cfg: SyntheticSourceConfig) -> list[Sample]:
                          "run's synthesize output (see resolve_source_paths)")
     path = _existing_file("synthetic", cfg.path)
     table = pq.read_table(path, columns=["id", "prompt", "response"]).to_pylist()
-    by_id = {r["id"]: i for i, r in enumerate(table)}
-    if len(by_id) != len(table):
+    written = [Sample(**r) for r in table]
+    if len({s.id for s in written}) != len(written):
         raise ValueError(f"synthetic source: {path} repeats sample ids")
-    rows = ((i, r["prompt"], r["response"]) for i, r in enumerate(table))
-    samples = _finish("synthetic", str(path), "", rows, cfg, need_response=True)
-    # keep the generator's ids (synthetic#N) instead of re-numbering by row
-    return [Sample(id=table[int(s.id.split("#")[1])]["id"], prompt=s.prompt,
-                   response=s.response) for s in samples]
+    rows = ((i, s.prompt, s.response) for i, s in enumerate(written))
+    return [written[int(s.id.rpartition("#")[2])]
+            for s in _finish("synthetic", str(path), "", rows, cfg, need_response=True)]
 
 
 def _check_local_data_files(data_files: str | list[str] | None) -> None:

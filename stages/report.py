@@ -516,8 +516,7 @@ def plots(facts: RunFacts, spectra_heads: int) -> list[Plot]:
                                                       spectra_heads)):
         out.append(Plot(title="Singular value spectra", png=png))
     if "sensitivity" in facts.manifests:
-        lora = facts.metrics("train").get("lora_layers", []) if "train" in facts.manifests \
-            else []
+        lora = facts.metrics("train").get("lora_layers", [])  # {} when train is absent
         if png := sensitivity_png(facts.metrics("sensitivity")["errors"], lora):
             out.append(Plot(title="Layer sensitivity", png=png))
     if "train" in facts.folders and (png := loss_png(read_train_log(facts.folders["train"]))):

@@ -15,10 +15,12 @@ layer, relative squared error), ``ranking`` (layers, most damaged first) and the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
+from torch import Tensor
 
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
@@ -26,7 +28,7 @@ from recoup.orchestrator.store import atomic_write_json
 from recoup.stages import modelio
 from recoup.stages.datasources import Sample
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import Normalize, collate, encode_sample, rank_layers
+from recoup.stages.recovery import Encoded, Normalize, collate, encode_sample, rank_layers
 from recoup.stages.triplets import read_parquet
 
 OUTPUT = "sensitivity.json"
@@ -61,6 +63,20 @@ def read_sensitivity(folder: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def measure_layer_errors(dense_dir: Path, degraded_dir: Path, dtype: str, device: str,
+                         samples: Sequence[Encoded], pad_id: int, batch_size: int,
+                         normalize: Normalize = "output") -> Tensor:
+    """(n_layers,) output errors of the degraded model against the dense one on ``samples``
+    (see :func:`recoup.stages.recovery.rank_layers`); both models are loaded here and freed
+    on return. Used by this stage and by ``train`` when this stage is not in the pipeline."""
+    batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+               for i in range(0, len(samples), batch_size)]
+    dense = modelio.load_model(dense_dir, modelio.DTYPES[dtype], device)
+    degraded = modelio.load_model(degraded_dir, modelio.DTYPES[dtype], device)
+    modelio.check_same_architecture(dense, degraded, "layer sensitivity: the degraded model")
+    return rank_layers(dense, degraded, batches, normalize)
+
+
 def _summary(m: Metrics) -> str:
     top = ", ".join(str(i) for i in m["ranking"][:4])
     return f"{m['layers']} layers on {m['samples']} samples; most moved: {top}"
@@ -79,15 +95,9 @@ def sensitivity(ctx: StageContext) -> Metrics:
     rows = read_parquet(ctx.input("data") / SAMPLES_FILE, Sample)[: cfg.samples]
     encoded = [encode_sample(tokenizer, s.prompt, s.response, cfg.max_seq_len) for s in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = ctx.run.run.device
-    batches = [{k: v.to(device) for k, v in collate(encoded[i:i + cfg.batch_size],
-                                                     int(pad)).items()}
-               for i in range(0, len(encoded), cfg.batch_size)]
-    dtype = modelio.DTYPES[card.dtype]
-    dense = modelio.load_model(prepared / MODEL_DIR, dtype, device)
-    degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, device)
-    modelio.check_same_architecture(dense, degraded, "sensitivity: the degraded model")
-    errors = [float(e) for e in rank_layers(dense, degraded, batches, cfg.normalize)]
+    errors = [float(e) for e in measure_layer_errors(
+        prepared / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype, ctx.run.run.device,
+        encoded, int(pad), cfg.batch_size, cfg.normalize)]
     order = ranking(errors)
     ctx.log.info("layer output errors (most moved first): %s",
                  ", ".join(f"{i}:{errors[i]:.4f}" for i in order[:8]))

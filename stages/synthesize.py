@@ -53,11 +53,13 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
+from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
-from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.stages import modelio
+from recoup.stages.datasources import Sample
 from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.triplets import write_parquet
 
 log = logging.getLogger("recoup.synthesize")
 
@@ -70,14 +72,11 @@ SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string()), pa.field("prompt", pa.string()),
     pa.field("response", pa.string()), pa.field("tokens", pa.int32()),
 ])
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string()), pa.field("prompt", pa.string()),
-    pa.field("response", pa.string()),
-])
 
 
-class SynthesizeConfig(StrictModel):
-    """How the dense model writes its own training text."""
+class SynthesizeConfig(PoolConfig):
+    """How the dense model writes its own training text; the pool keys (workers, GPUs,
+    CPUs, retries) come from :class:`PoolConfig`. Each worker loads the dense model once."""
 
     num_samples: int = Field(256, ge=1, description="Sequences to generate (before dedup).")
     mode: Literal["text", "chat"] = Field(
@@ -97,12 +96,6 @@ class SynthesizeConfig(StrictModel):
     samples_per_shard: int = Field(
         64, ge=1, description="Sequences per shard: the unit of work, retry and resume.")
     seed: int = Field(0, description="Seed of the start tokens and the sampling.")
-    workers: int = Field(1, ge=1, description="Pool workers; each loads the dense model once.")
-    num_cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs per worker (Ray); unset: the cluster's CPUs / workers.")
-    num_gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (Ray).")
-    max_retries: int = Field(
-        2, ge=0, description="Restarts of a dead worker process, and retries of its shards.")
 
     @model_validator(mode="after")
     def _greedy_fits(self) -> SynthesizeConfig:
@@ -164,6 +157,14 @@ def deduplicate(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
         seen.add(key)
         kept.append(dict(row))
     return kept, dropped
+
+
+def stop_tokens(tokenizer: Any, generation_config: Any) -> set[int]:
+    """Ids that end a sequence: the tokenizer's EOS and the model's generation EOS ids
+    (SmolLM2-Instruct ends a turn with ``<|im_end|>``, listed in either)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
+    return {int(i) for i in ids if i is not None}
 
 
 def chat_user_prefix(tokenizer: Any) -> str:
@@ -264,8 +265,8 @@ def marker_file(root: Path, shard: int) -> Path:
     return root / SHARDS_DIR / f"shard-{shard:04d}.json"
 
 
-def _parquet_bytes(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> bytes:
-    table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+def _shard_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=SHARD_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -276,19 +277,14 @@ class SynthesizeWorker:
 
     def __init__(self, job: SynthesizeJob) -> None:
         self.job = job
-        device = "cuda" if job.config.num_gpus_per_worker > 0 else job.device
-        self.model = modelio.load_model(job.model_dir, modelio.DTYPES[job.model_dtype], device)
+        self.device = worker_device(job.config.num_gpus_per_worker, job.device)
+        self.model = modelio.load_model(job.model_dir, modelio.DTYPES[job.model_dtype],
+                                        self.device)
         self.tokenizer = modelio.load_tokenizer(job.model_dir)
-        self.device = device
         cfg = job.config
-        gen_cfg = getattr(self.model, "generation_config", None)
-        stop = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None \
-            else set()
-        eos = getattr(gen_cfg, "eos_token_id", None)
-        stop |= {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-        self.stop = stop
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                          else next(iter(stop), 0))
+        self.stop = stop_tokens(self.tokenizer, self.model.generation_config)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.stop, default=0))
         self.pool = start_token_pool(self.tokenizer, self.model.config.vocab_size)
         self.prefix = (self.tokenizer(chat_user_prefix(self.tokenizer),
                                       add_special_tokens=False)["input_ids"]
@@ -349,7 +345,7 @@ class SynthesizeWorker:
                                                     strict=True):
                     rows.append({"id": f"{ID_PREFIX}#{i}", "prompt": prompt,
                                  "response": response, "tokens": n})
-        data = _parquet_bytes(rows, SHARD_SCHEMA)
+        data = _shard_bytes(rows)
         store.atomic_write_bytes(shard_file(job.out_dir, shard), data)
         info = {"key": job.key, "shard": shard, "rows": len(rows),
                 "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
@@ -363,12 +359,13 @@ class SynthesizeWorker:
 
 
 def shard_key(cfg: SynthesizeConfig, *, device: str, upstream: str) -> str:
-    """What a shard's text depends on: not the worker count, CPU split or retries."""
-    text_fields = cfg.model_dump(mode="json", exclude={"workers", "num_cpus_per_worker",
-                                                      "max_retries"})
-    text_fields["num_gpus_per_worker"] = "cuda" if cfg.num_gpus_per_worker > 0 else \
-        torch.device(device).type
-    payload = {"config": text_fields, "upstream": upstream}
+    """What a shard's text depends on: the generation settings and the device kind, not
+    the pool's size, CPU split or retries."""
+    payload = {
+        "config": cfg.model_dump(mode="json", exclude=set(PoolConfig.model_fields)),
+        "device": torch.device(worker_device(cfg.num_gpus_per_worker, device)).type,
+        "upstream": upstream,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -412,20 +409,14 @@ def read_shard_rows(root: Path, num_shards: int) -> list[dict[str, Any]]:
 
 def run_synthesize(job: SynthesizeJob, cluster_cfg: Any, *, progress: bool = True) -> Metrics:
     """Generate every shard of ``job`` not finished yet, then write the deduplicated set."""
-    from recoup.cluster.pool import run_shards  # the pool imports Ray lazily
-
     cfg = job.config
     started = time.time()
     keep = reusable_shards(job)
     todo = [s for s in range(job.num_shards) if s not in keep]
     if keep:
         log.info("synthesize: reusing %d finished shards, generating %d", len(keep), len(todo))
-    results = run_shards(
-        SynthesizeWorker, (job,), todo, cluster_cfg, num_workers=cfg.workers,
-        num_cpus_per_worker=cfg.num_cpus_per_worker,
-        num_gpus_per_worker=cfg.num_gpus_per_worker, max_retries=cfg.max_retries,
-        desc="synthesize", progress=progress,
-    )
+    results = run_shards(SynthesizeWorker, (job,), todo, cluster_cfg, cfg, desc="synthesize",
+                         progress=progress)
     seconds = time.time() - started
     store.remove_temporaries(job.out_dir)
     rows = read_shard_rows(job.out_dir, job.num_shards)
@@ -434,17 +425,17 @@ def run_synthesize(job: SynthesizeJob, cluster_cfg: Any, *, progress: bool = Tru
     if not kept:
         raise ValueError(f"synthesize: none of the {len(rows)} generated sequences has "
                          f"synthesize.min_tokens={cfg.min_tokens} tokens")
-    store.atomic_write_bytes(job.out_dir / OUTPUT, _parquet_bytes(
-        [{k: r[k] for k in ("id", "prompt", "response")} for r in kept], OUTPUT_SCHEMA))
+    write_parquet([Sample(id=r["id"], prompt=r["prompt"], response=r["response"])
+                   for r in kept], job.out_dir / OUTPUT)
     generated = sum(r["rows"] for r in results.values())
+    per_s = 1 / seconds if generated and seconds > 0 else 0.0  # this session's work only
     metrics: Metrics = {
         "generated": len(rows), "samples": len(kept), "duplicates": duplicates,
         "too_short": len(rows) - len(long_enough), "mode": cfg.mode,
         "shards": job.num_shards, "shards_computed": len(todo), "shards_reused": len(keep),
         "tokens": sum(int(r["tokens"]) for r in rows),
-        "samples_per_s": generated / seconds if generated and seconds > 0 else 0.0,
-        "new_tokens_per_s": (sum(r["tokens"] for r in results.values()) / seconds
-                             if generated and seconds > 0 else 0.0),
+        "samples_per_s": generated * per_s,
+        "new_tokens_per_s": sum(r["tokens"] for r in results.values()) * per_s,
         "seconds": seconds, "workers": cfg.workers, "shard_key": job.key,
     }
     store.atomic_write_json(job.out_dir / INFO, metrics)
@@ -462,8 +453,7 @@ def synthesize(ctx: StageContext) -> Metrics:
     cfg: SynthesizeConfig = ctx.config
     prepared = ctx.input("prepare")
     card = modelio.ModelCard.read(prepared / CARD)
-    gpus = cfg.num_gpus_per_worker if ctx.run.cluster.mode == "ray" else 0.0
-    cfg = cfg.model_copy(update={"num_gpus_per_worker": gpus})
+    cfg = cfg.model_copy(update={"num_gpus_per_worker": cfg.gpus_on(ctx.run.cluster)})
     job = SynthesizeJob(
         model_dir=prepared / MODEL_DIR, model_dtype=card.dtype, out_dir=ctx.out_dir,
         config=cfg, device=ctx.run.run.device,

@@ -44,14 +44,12 @@ from recoup.stages.recovery import (
     LoraAdapterConfig,
     TrainJob,
     build_task,
-    collate,
     encode_sample,
     get_method,
     method_names,
-    rank_layers,
     top_layers,
 )
-from recoup.stages.sensitivity import read_sensitivity
+from recoup.stages.sensitivity import measure_layer_errors, read_sensitivity
 from recoup.stages.triplets import read_parquet
 
 STAGE_VERSION = 1
@@ -186,16 +184,8 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
                                           cfg.lcc.init_directions)
         facts["chosen_heads"] = len(chosen)
     if method.uses_lora:
-        if cfg.lora.layers == "auto" and "sensitivity" in ctx.inputs:
-            errors = torch.tensor(read_sensitivity(ctx.input("sensitivity"))["errors"])
-            if cfg.lora.auto_layers > errors.numel():
-                raise ValueError(f"train.lora.auto_layers={cfg.lora.auto_layers} exceeds the "
-                                 f"model's {errors.numel()} layers")
-            layers = tuple(top_layers(errors, cfg.lora.auto_layers))
-            facts["layer_errors"] = [round(float(e), 6) for e in errors]
-            facts["layers_from"] = "sensitivity"
-        elif cfg.lora.layers == "auto":
-            layers, errors = auto_lora_layers(ctx, encoded, pad, card.dtype)
+        if cfg.lora.layers == "auto":
+            layers, errors, facts["layers_from"] = auto_lora_layers(ctx, encoded, pad, card)
             facts["layer_errors"] = [round(float(e), 6) for e in errors]
         else:
             layers = tuple(cfg.lora.layers)
@@ -204,29 +194,26 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
     return TrainJob(**job), facts
 
 
-def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int, dtype: str,
-                     ) -> tuple[tuple[int, ...], torch.Tensor]:
-    """The ``auto_layers`` layers with the largest output error, on the first samples."""
+def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
+                     card: modelio.ModelCard) -> tuple[tuple[int, ...], torch.Tensor, str]:
+    """The ``auto_layers`` layers with the largest output error, the errors, and where
+    they come from: the sensitivity stage when it is in the pipeline, else measured here on
+    the first ``auto_samples`` training samples."""
     cfg: TrainConfig = ctx.config
-    dtype_t = modelio.DTYPES[dtype]
-    device = ctx.run.run.device
-    dense = modelio.load_model(ctx.input("prepare") / MODEL_DIR, dtype_t, device)
-    degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype_t, device)
-    n_layers = len(dense.model.layers)
-    if cfg.lora.auto_layers > n_layers:
+    if cfg.lora.auto_layers > card.layers:
         raise ValueError(f"train.lora.auto_layers={cfg.lora.auto_layers} exceeds the model's "
-                         f"{n_layers} layers")
-    calib = encoded[: cfg.lora.auto_samples]
-    step = cfg.engine.micro_batch
-    batches = []
-    for i in range(0, len(calib), step):
-        b = collate(calib[i:i + step], pad)
-        batches.append({k: v.to(device) for k, v in b.items()})
-    errors = rank_layers(dense, degraded, batches)
-    del dense, degraded
+                         f"{card.layers} layers")
+    if "sensitivity" in ctx.inputs:
+        errors = torch.tensor(read_sensitivity(ctx.input("sensitivity"))["errors"])
+        source = "sensitivity"
+    else:
+        errors = measure_layer_errors(
+            ctx.input("prepare") / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype,
+            ctx.run.run.device, encoded[: cfg.lora.auto_samples], pad, cfg.engine.micro_batch)
+        source = "training samples"
     layers = tuple(top_layers(errors, cfg.lora.auto_layers))
-    ctx.log.info("LoRA layers (auto, largest output error): %s", list(layers))
-    return layers, errors
+    ctx.log.info("LoRA layers (auto, largest output error, from %s): %s", source, list(layers))
+    return layers, errors, source
 
 
 # --------------------------------------------------------------------------- the stage
