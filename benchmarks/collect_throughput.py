@@ -49,9 +49,7 @@ import torch
 
 from recoup.cluster.config import ClusterConfig
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import activations, capture, modelio
 from recoup.stages import data as data_stage
-from recoup.stages.blockwise import DegradeSpec, degrade_blockwise
 from recoup.stages.collect import (
     VIEW_MODEL,
     CollectConfig,
@@ -60,8 +58,11 @@ from recoup.stages.collect import (
     run_collect,
     view_sequences,
 )
-from recoup.stages.datasources import AlpacaSourceConfig
-from recoup.stages.triplets import (
+from recoup.stages.compress.blockwise import DegradeSpec, degrade_blockwise
+from recoup.stages.lcc import activations
+from recoup.stages.model import capture, modelio
+from recoup.stages.text.datasources import AlpacaSourceConfig
+from recoup.stages.text.triplets import (
     MiniLMEncoder,
     Triplet,
     build_triplets,

@@ -40,8 +40,9 @@ import torch
 
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.tasks import map_layers, ray_session
-from recoup.stages import activations, modelio
-from recoup.stages.lcc_math import SelectorConfig, assemble_scores
+from recoup.stages.lcc import activations
+from recoup.stages.lcc.lcc_math import SelectorConfig, assemble_scores
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD
 from recoup.stages.select import score_layer_task
 from recoup.stages.svd import svd_file, svd_layer_task

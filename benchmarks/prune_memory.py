@@ -33,7 +33,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from recoup.stages.blockwise import BlockwiseResult, DegradeSpec, degrade_blockwise
+from recoup.stages.compress.blockwise import BlockwiseResult, DegradeSpec, degrade_blockwise
 
 METHODS = ("wanda", "sparsegpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

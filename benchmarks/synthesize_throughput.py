@@ -36,7 +36,7 @@ import torch
 
 from recoup.cluster.config import ClusterConfig
 from recoup.orchestrator.store import sha256_file
-from recoup.stages import modelio
+from recoup.stages.model import modelio
 from recoup.stages.synthesize import (
     OUTPUT,
     SynthesizeConfig,

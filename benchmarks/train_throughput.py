@@ -1,7 +1,7 @@
 """Training throughput: DeepSpeed ZeRO on 2 Ray Train CPU workers vs a plain PyTorch loop.
 
 Both train the same trainable parameters (compensation and/or LoRA, built by the same
-:class:`recoup.stages.recovery.RecoveryTask`) on the same Alpaca samples in the same order,
+:class:`recoup.stages.recovery.methods.RecoveryTask`) on the same Alpaca samples in the same order,
 with the same global batch per optimizer step, in one run of this script. Throughput is
 tokens per second of the training loop itself (model loading, Ray and DeepSpeed start-up
 excluded; both loops include their first step). The plain loop gets all CPUs as torch
@@ -30,16 +30,17 @@ import torch  # noqa: E402
 from recoup.cluster.config import ClusterConfig  # noqa: E402
 from recoup.cluster.engine import EngineConfig, lr_factor  # noqa: E402
 from recoup.cluster.train import run_training, sample_indices  # noqa: E402
-from recoup.stages import lcc_math, modelio  # noqa: E402
-from recoup.stages.datasources import AlpacaSourceConfig, load_samples  # noqa: E402
-from recoup.stages.losses import LossConfig  # noqa: E402
-from recoup.stages.recovery import (  # noqa: E402
+from recoup.stages import modelio  # noqa: E402
+from recoup.stages.lcc import lcc_math
+from recoup.stages.recovery.losses import LossConfig  # noqa: E402
+from recoup.stages.recovery.methods import (  # noqa: E402
     LccConfig,
     LoraAdapterConfig,
     TrainJob,
     build_task,
     encode_sample,
 )
+from recoup.stages.text.datasources import AlpacaSourceConfig, load_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

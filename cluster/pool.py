@@ -11,7 +11,7 @@ Failures:
 - a worker *process* that dies (killed, out of memory, node lost) is restarted by Ray
   (``max_restarts``): the factory runs again in the new process and the shards it held are
   retried (``max_task_retries``). A shard must therefore be idempotent: write through
-  temporary names and mark completion last (see :mod:`recoup.stages.activations`);
+  temporary names and mark completion last (see :mod:`recoup.stages.lcc.activations`);
 - an exception raised by the worker's own code is a bug or bad input, not retried: the
   first one is raised here with the worker's message, and the remaining shards are cancelled.
 

@@ -40,10 +40,10 @@ import torch
 from recoup.cluster.engine import use_bf16
 from recoup.cluster.placement import placement_problem, worker_group
 from recoup.orchestrator.runconfig import RunConfig
-from recoup.stages import modelio
-from recoup.stages.activations import VIEWS
 from recoup.stages.collect import activation_bytes_per_sample
-from recoup.stages.pruning import DEFAULT_STAT_DTYPE
+from recoup.stages.compress.pruning import DEFAULT_STAT_DTYPE
+from recoup.stages.lcc.activations import VIEWS
+from recoup.stages.model import modelio
 
 GB = 1e9
 DEFAULT_GPU_MEMORY_GB = 80.0

@@ -1,13 +1,13 @@
 """collect: the o_proj inputs of every layer for four views of every sample, into Parquet.
 
-Views (:data:`recoup.stages.activations.VIEWS`): dense(q), dense(q + r+), dense(q + r-),
+Views (:data:`recoup.stages.lcc.activations.VIEWS`): dense(q), dense(q + r+), dense(q + r-),
 degraded(q), with q, r+, r- from the data stage's triplets. Each view's row per layer is
-taken at the token(s) ``collect.position`` names (:mod:`recoup.stages.capture`).
+taken at the token(s) ``collect.position`` names (:mod:`recoup.stages.model.capture`).
 
 Samples are cut into shards of ``samples_per_shard`` in ``triplets.parquet`` order; a pool
 of workers (:func:`recoup.cluster.pool.run_shards`: Ray actors, or one in-process worker)
 loads both models once each and processes shards. A shard writes one Parquet file per layer
-through temporary names, then its marker; see :mod:`recoup.stages.activations` for the
+through temporary names, then its marker; see :mod:`recoup.stages.lcc.activations` for the
 layout. The stage is resumable: a shard whose marker exists, carries this run's shard key
 *and* whose layer files still match the sizes and sha256 the marker recorded is kept,
 everything else in the folder is deleted and recomputed. The key hashes what
@@ -38,11 +38,12 @@ from pydantic import Field
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
-from recoup.stages import activations, capture, modelio
 from recoup.stages import data as data_stage
-from recoup.stages.capture import PaddingSide, Position, TokenSeq
+from recoup.stages.lcc import activations
+from recoup.stages.model import capture, modelio
+from recoup.stages.model.capture import PaddingSide, Position, TokenSeq
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.triplets import Triplet, read_parquet
+from recoup.stages.text.triplets import Triplet, read_parquet
 
 log = logging.getLogger("recoup.collect")
 

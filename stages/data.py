@@ -1,6 +1,6 @@
 """data: the training samples and the contrastive triplets (q, r+, r-), as Parquet files.
 
-Samples come from a registered data source (:mod:`recoup.stages.datasources`: Alpaca, any
+Samples come from a registered data source (:mod:`recoup.stages.text.datasources`: Alpaca, any
 jsonl with prompt/response fields, plain text, a Hugging Face dataset). Lengths are counted
 in tokens of the run's dense model, with the rule every later stage uses
 (:func:`tokenize_sample`): the prompt tokenized with the tokenizer's special tokens, the
@@ -12,7 +12,7 @@ happens before the seeded subset is drawn, so ``num_samples`` is exactly the cou
 and the same config always gives the same ids.
 
 Each sample's negative response r- is the most similar other response by all-MiniLM-L6-v2
-cosine similarity (:mod:`recoup.stages.triplets`). Outputs::
+cosine similarity (:mod:`recoup.stages.text.triplets`). Outputs::
 
     samples.parquet    id, prompt, response                       (triplets.SAMPLE_SCHEMA)
     triplets.parquet   id, prompt, positive, negative, negative_id, similarity
@@ -32,18 +32,18 @@ from pydantic import Field
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import modelio
-from recoup.stages import triplets as mining
-from recoup.stages.calibration import resolve_source_paths
-from recoup.stages.capture import TokenSeq, join_prompt_response
-from recoup.stages.datasources import (
+from recoup.stages.compress.calibration import resolve_source_paths
+from recoup.stages.model import modelio
+from recoup.stages.model.capture import TokenSeq, join_prompt_response
+from recoup.stages.prepare import MODEL_DIR
+from recoup.stages.text import triplets as mining
+from recoup.stages.text.datasources import (
     AlpacaSourceConfig,
     Sample,
     SourceConfig,
     load_samples,
     seeded_subset,
 )
-from recoup.stages.prepare import MODEL_DIR
 
 SAMPLES = "samples.parquet"
 TRIPLETS = "triplets.parquet"

@@ -1,7 +1,7 @@
 """degrade: produce the degraded model (pruned or fake-quantized), or check the user's own.
 
 Methods live in a registry by name. The pruning and quantization methods all run through
-the block-by-block driver (:mod:`recoup.stages.blockwise`): one decoder block on the
+the block-by-block driver (:mod:`recoup.stages.compress.blockwise`): one decoder block on the
 compute device at a time, so the device needs one block plus calibration activations,
 not the whole model. The masks of pruned weights are saved too: merging LoRA later must
 keep them.
@@ -23,8 +23,9 @@ from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.registry import Registry
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json, commit_path, tmp_path_for
-from recoup.stages import blockwise, modelio, pruning
-from recoup.stages.calibration import CalibrationConfig, calibration_ids
+from recoup.stages.compress import blockwise, pruning
+from recoup.stages.compress.calibration import CalibrationConfig, calibration_ids
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 
 MASKS = "masks.safetensors"

@@ -3,12 +3,12 @@
 The models are the dense one (prepare), the degraded one (degrade) and, when ``export``
 is in the pipeline, the recovered one. Three measurements each:
 
-- perplexity on WikiText-2 test windows (:mod:`recoup.stages.lm_metrics`, the pruning
+- perplexity on WikiText-2 test windows (:mod:`recoup.stages.model.lm_metrics`, the pruning
   papers' protocol) and the mean token KL(dense || model) on the same windows. The models
   run window by window beside the dense one, so the dense logits the KL needs are never
   stored: memory is two models plus one batch of logits;
 - zero-shot multiple-choice accuracy (``acc``, ``acc_norm``) on the commonsense tasks,
-  scored by lm-evaluation-harness (:mod:`recoup.stages.zeroshot`). Each model's documents
+  scored by lm-evaluation-harness (:mod:`recoup.stages.scoring.zeroshot`). Each model's documents
   are cut into ``zeroshot.shards`` shards that run as Ray tasks
   (:func:`recoup.cluster.tasks.map_layers`; serially in-process without Ray), each
   loading the model once.
@@ -44,9 +44,10 @@ from recoup.orchestrator import store
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import lm_metrics, modelio, zeroshot
+from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
+from recoup.stages.scoring import zeroshot
+from recoup.stages.scoring.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
 
 RESULTS = "results.json"
 #: Table order: the references first, then what recovery produced.

@@ -32,11 +32,11 @@ from safetensors.torch import load_file
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json, commit_path, tmp_path_for
-from recoup.stages import modelio
-from recoup.stages.compensation import Compensation, attach, fold_bias, o_proj_modules
 from recoup.stages.degrade import MASKS
+from recoup.stages.lcc.compensation import Compensation, attach, fold_bias, o_proj_modules
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import LCC_FILE, LORA_DIR, SUMMARY_FILE
+from recoup.stages.recovery.methods import LCC_FILE, LORA_DIR, SUMMARY_FILE
 from recoup.stages.train import PARAMS_DIR
 
 ADAPTER_DIR = "adapter"

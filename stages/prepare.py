@@ -11,7 +11,7 @@ from pydantic import Field
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import modelio
+from recoup.stages.model import modelio
 
 MODEL_DIR = "model"
 CARD = "model_card.json"

@@ -387,7 +387,7 @@ def head_scores_png(select_dir: Path) -> bytes | None:
 
     import torch
 
-    from recoup.stages.heatmap import plot_head_scores
+    from recoup.stages.document.heatmap import plot_head_scores
 
     n_layers = 1 + max(int(s["layer"]) for s in heads["scores"])
     n_heads = 1 + max(int(s["head"]) for s in heads["scores"])

@@ -1,6 +1,6 @@
 """select: score every (layer, head) and choose the heads to compensate.
 
-The selectors of :mod:`recoup.stages.lcc_math` (``probe``, the paper's contrastive probe;
+The selectors of :mod:`recoup.stages.lcc.lcc_math` (``probe``, the paper's contrastive probe;
 ``mse``, ``random``, ``all`` for ablations) score one layer from that layer's activations
 and SVD alone, so they run as one Ray task per layer
 (:func:`recoup.cluster.tasks.map_layers`) and give the same scores for any number of
@@ -38,12 +38,14 @@ from recoup.cluster.tasks import map_layers
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import activations, heatmap, lcc_math, lm_metrics, modelio
-from recoup.stages.calibration import CalibrationConfig, calibration_ids
-from recoup.stages.datasources import AlpacaSourceConfig
-from recoup.stages.lcc_math import HeadId, HeadScores, LayerInputs, SelectorConfig
+from recoup.stages.compress.calibration import CalibrationConfig, calibration_ids
+from recoup.stages.document import heatmap
+from recoup.stages.lcc import activations, lcc_math
+from recoup.stages.lcc.lcc_math import HeadId, HeadScores, LayerInputs, SelectorConfig
+from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.svd import check_width, load_aligned, read_svd_layer
+from recoup.stages.text.datasources import AlpacaSourceConfig
 
 HEADS = "heads.json"
 PLOT = "scores.png"

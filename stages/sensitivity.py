@@ -3,7 +3,8 @@
 Recover-LoRA puts its adapters on the few layers that compression damaged most, and finds
 them without labels: per decoder layer, the relative error of the degraded layer's output
 against the dense layer's, both fed the *dense* model's input to that layer (so a layer is
-not blamed for the error it inherits; see :func:`recoup.stages.recovery.local_layer_outputs`).
+not blamed for the error it inherits; see
+:func:`recoup.stages.recovery.methods.local_layer_outputs`).
 The inputs are the data stage's samples, so in a data-free run the ranking comes from the
 dense model's own synthetic text.
 
@@ -25,11 +26,11 @@ from torch import Tensor
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
-from recoup.stages import modelio
-from recoup.stages.datasources import Sample
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import Encoded, Normalize, collate, encode_sample, rank_layers
-from recoup.stages.triplets import read_parquet
+from recoup.stages.recovery.methods import Encoded, Normalize, collate, encode_sample, rank_layers
+from recoup.stages.text.datasources import Sample
+from recoup.stages.text.triplets import read_parquet
 
 OUTPUT = "sensitivity.json"
 SAMPLES_FILE = "samples.parquet"
@@ -67,7 +68,7 @@ def measure_layer_errors(dense_dir: Path, degraded_dir: Path, dtype: str, device
                          samples: Sequence[Encoded], pad_id: int, batch_size: int,
                          normalize: Normalize = "output") -> Tensor:
     """(n_layers,) output errors of the degraded model against the dense one on ``samples``
-    (see :func:`recoup.stages.recovery.rank_layers`); both models are loaded here and freed
+    (see :func:`recoup.stages.recovery.methods.rank_layers`); both models are loaded here and freed
     on return. Used by this stage and by ``train`` when this stage is not in the pipeline."""
     batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
                for i in range(0, len(samples), batch_size)]

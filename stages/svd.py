@@ -3,14 +3,14 @@
 For every decoder layer, one task reads that layer's partition of the collected
 activations (nothing else), forms dZ = Z_dense(q) - Z_degraded(q) per head over the
 samples (not centred), and keeps all ``d_head`` right singular vectors and the singular
-values (:func:`recoup.stages.lcc_math.svd_directions`). All layers run in parallel as Ray
+values (:func:`recoup.stages.lcc.lcc_math.svd_directions`). All layers run in parallel as Ray
 tasks (:func:`recoup.cluster.tasks.map_layers`); every task's output depends on its layer's
 activations only, so the files are the same for any number of workers.
 
 Output, one file per layer (``layer=LL.safetensors``): ``V`` (n_heads, d_head, d_head),
 row ``i`` of ``V[h]`` the i-th right singular vector of head ``h``, and ``S`` (n_heads, r)
 descending, r = min(N, d_head). ``V`` is stored in ``svd.dtype``; ``S`` always in float32
-(:func:`~recoup.stages.lcc_math.lost_component` reads the rank tolerance from S's dtype).
+(:func:`~recoup.stages.lcc.lcc_math.lost_component` reads the rank tolerance from S's dtype).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from recoup.cluster.tasks import map_layers
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import TMP_MARK
-from recoup.stages import activations, lcc_math, modelio
+from recoup.stages.lcc import activations, lcc_math
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD
 
 SVD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -99,7 +100,7 @@ def load_aligned(collect_dir: Path, layer: int, views: Sequence[str],
                  shards: Sequence[int] | None) -> tuple[list[str], dict[str, torch.Tensor]]:
     """``views`` of one layer's activations, row ``i`` of each the same sample.
 
-    :func:`~recoup.stages.activations.read_layer` sorts every view by sample id; here the
+    :func:`~recoup.stages.lcc.activations.read_layer` sorts every view by sample id; here the
     id lists must also be equal, otherwise a dense row would be paired with another
     sample's degraded row and the differences would be meaningless.
     """
@@ -128,7 +129,7 @@ def layer_svd(z_dense_q: torch.Tensor, z_degraded_q: torch.Tensor,
     """Per-head SVD of dZ for one layer, in float64.
 
     z_* are (N, n_heads * d_head); returns ``V`` (n_heads, d_head, d_head) and ``S``
-    (n_heads, min(N, d_head)), one :func:`~recoup.stages.lcc_math.svd_directions` per head.
+    (n_heads, min(N, d_head)), one :func:`~recoup.stages.lcc.lcc_math.svd_directions` per head.
     """
     if z_dense_q.shape != z_degraded_q.shape:
         raise ValueError(f"dense {tuple(z_dense_q.shape)} and degraded "

@@ -56,10 +56,10 @@ from pydantic import Field, model_validator
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
-from recoup.stages import modelio
-from recoup.stages.datasources import Sample
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.triplets import write_parquet
+from recoup.stages.text.datasources import Sample
+from recoup.stages.text.triplets import write_parquet
 
 log = logging.getLogger("recoup.synthesize")
 

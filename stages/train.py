@@ -9,7 +9,7 @@ they are in the pipeline (optional inputs). That keeps one stage for every metho
   collection: ``prepare -> degrade -> data -> train -> export -> evaluate``.
 
 The stage reads its inputs on the driver (samples, chosen heads, V, the LoRA layers for
-``auto``), packs them into a :class:`recoup.stages.recovery.TrainJob`, and hands it to
+``auto``), packs them into a :class:`recoup.stages.recovery.methods.TrainJob`, and hands it to
 :func:`recoup.cluster.train.run_training` (Ray Train workers, or in-process). The stage is
 *resumable*: the runner keeps its folder after a crash, and training continues from the
 last DeepSpeed checkpoint of the same job (same config, same upstream outputs).
@@ -34,11 +34,11 @@ from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import MANIFEST
-from recoup.stages import lcc_math, modelio
-from recoup.stages.datasources import Sample
-from recoup.stages.losses import LossConfig
+from recoup.stages.lcc import lcc_math
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import (
+from recoup.stages.recovery.losses import LossConfig
+from recoup.stages.recovery.methods import (
     Encoded,
     LccConfig,
     LoraAdapterConfig,
@@ -50,7 +50,8 @@ from recoup.stages.recovery import (
     top_layers,
 )
 from recoup.stages.sensitivity import measure_layer_errors, read_sensitivity
-from recoup.stages.triplets import read_parquet
+from recoup.stages.text.datasources import Sample
+from recoup.stages.text.triplets import read_parquet
 
 STAGE_VERSION = 1
 SAMPLES_FILE = "samples.parquet"
@@ -110,7 +111,7 @@ def lost_components(collect_dir: Path, svd: dict[int, dict[str, torch.Tensor]],
                     chosen: list[tuple[int, int]], n_heads: int, k: int,
                     ) -> dict[tuple[int, int], torch.Tensor]:
     """Mean lost component of each chosen head from the collected prompt activations."""
-    from recoup.stages import activations
+    from recoup.stages.lcc import activations
 
     out = {}
     for layer in sorted({lh[0] for lh in chosen}):

@@ -20,7 +20,7 @@ import yaml
 
 from recoup.orchestrator.cli import EXIT_FAILED, EXIT_USAGE, main
 from recoup.orchestrator.store import FAILED, MANIFEST, TMP_MARK
-from recoup.stages import modelio
+from recoup.stages.model import modelio
 
 
 def _gpt2_folder(root: Path) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from recoup.stages.blockwise import (
+from recoup.stages.compress.blockwise import (
     LINEAR_NAMES,
     PEAK_FROM_ACCOUNTING,
     BlockRunner,
@@ -25,7 +25,7 @@ from recoup.stages.blockwise import (
     embed_calibration,
     register_method,
 )
-from recoup.stages.pruning import nm_valid, sparsity_of
+from recoup.stages.compress.pruning import nm_valid, sparsity_of
 
 CPU = torch.device("cpu")
 N_LAYERS = 2

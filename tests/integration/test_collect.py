@@ -16,10 +16,11 @@ import torch
 
 from recoup.orchestrator import store
 from recoup.orchestrator.runner import plan_run, run_pipeline
-from recoup.stages import activations, capture, modelio
 from recoup.stages import data as data_stage
 from recoup.stages.collect import CollectConfig, CollectJob, run_collect, view_sequences
-from recoup.stages.triplets import Triplet, read_parquet
+from recoup.stages.lcc import activations
+from recoup.stages.model import capture, modelio
+from recoup.stages.text.triplets import Triplet, read_parquet
 from tests.conftest import tiny_config
 
 NUM_SAMPLES = 10

@@ -10,8 +10,8 @@ import pytest
 
 from recoup.orchestrator.runner import StageFailedError, run_pipeline
 from recoup.stages import data as data_stage
-from recoup.stages.datasources import Sample, alpaca_prompt
-from recoup.stages.triplets import MiniLMEncoder, Triplet, read_parquet
+from recoup.stages.text.datasources import Sample, alpaca_prompt
+from recoup.stages.text.triplets import MiniLMEncoder, Triplet, read_parquet
 from tests.conftest import tiny_config
 
 MAX_LENGTH = 384

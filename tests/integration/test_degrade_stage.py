@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from recoup.orchestrator.runner import StageFailedError, run_pipeline
-from recoup.stages import modelio
+from recoup.stages.model import modelio
 from tests.conftest import tiny_config
 
 CALIB = {"num_samples": 4, "seq_len": 32, "data": {"source": "alpaca",

@@ -19,8 +19,8 @@ from recoup.orchestrator import store
 from recoup.orchestrator.cli import main
 from recoup.orchestrator.runner import StageFailedError, run_pipeline
 from recoup.stages import report as rpt
-from recoup.stages import zeroshot
 from recoup.stages.evaluate import format_table
+from recoup.stages.scoring import zeroshot
 from tests.conftest import tiny_config
 
 PIPELINE = ["prepare", "degrade", "evaluate", "report"]

@@ -26,8 +26,9 @@ from recoup.orchestrator.stage import (
     StageContext,
     get_stage,
 )
-from recoup.stages import activations, modelio
-from recoup.stages.lcc_math import HeadScores
+from recoup.stages.lcc import activations
+from recoup.stages.lcc.lcc_math import HeadScores
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.select import HEADS, PLOT, read_heads
 from recoup.stages.svd import read_svd_layer, svd_file

@@ -134,7 +134,7 @@ def test_chat_mode_writes_prompt_response_pairs_in_the_template(tmp_path: Path) 
     template (with the generation prompt), the response the answer alone."""
     import torch
 
-    from recoup.stages import modelio
+    from recoup.stages.model import modelio
     from recoup.stages.synthesize import SynthesizeConfig, SynthesizeJob, SynthesizeWorker
 
     model, tok = modelio.build_tiny_llama(modelio.TinyLlamaConfig(), torch.float32)

@@ -38,16 +38,17 @@ from recoup.cluster.train import (
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.runner import run_pipeline
 from recoup.orchestrator.stage import Metrics, StageContext
-from recoup.stages import activations, lcc_math, modelio
-from recoup.stages.compensation import Compensation, attach
-from recoup.stages.datasources import AlpacaSourceConfig, load_samples
 from recoup.stages.degrade import MASKS
 from recoup.stages.export import ADAPTER_DIR, export_stage, merge_lora
-from recoup.stages.losses import response_cross_entropy
+from recoup.stages.lcc import activations, lcc_math
+from recoup.stages.lcc.compensation import Compensation, attach
+from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery import LCC_FILE, LORA_DIR, build_task, collate
+from recoup.stages.recovery.losses import response_cross_entropy
+from recoup.stages.recovery.methods import LCC_FILE, LORA_DIR, build_task, collate
+from recoup.stages.text.datasources import AlpacaSourceConfig, load_samples
+from recoup.stages.text.triplets import write_parquet
 from recoup.stages.train import PARAMS_DIR, build_job, train_stage
-from recoup.stages.triplets import write_parquet
 from tests.conftest import REPO, tiny_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.stages import capture
-from recoup.stages.capture import TokenSeq
-from recoup.stages.modelio import TinyLlamaConfig, build_tiny_llama
+from recoup.stages.model import capture
+from recoup.stages.model.capture import TokenSeq
+from recoup.stages.model.modelio import TinyLlamaConfig, build_tiny_llama
 
 PAD = 2
 #: (prompt tokens, response tokens); mixed lengths so every batch needs padding

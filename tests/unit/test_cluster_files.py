@@ -61,7 +61,7 @@ def test_staged_working_dir_imports_its_own_copy(tmp_path: Path) -> None:
     assert not list(wd.rglob("__pycache__"))
     # light modules of each part (the stages import torch: seconds per interpreter)
     code = ("import recoup.orchestrator.store as o, recoup.cluster.placement as c, "
-            "recoup.stages.datasources as s; print(o.__file__); print(c.__file__); "
+            "recoup.stages.text.datasources as s; print(o.__file__); print(c.__file__); "
             "print(s.__file__)")
     env = {**os.environ, "PYTHONPATH": str(wd)}
     out = subprocess.run([sys.executable, "-c", code], cwd=wd, env=env, capture_output=True,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from recoup.stages import lcc_math
-from recoup.stages.compensation import (
+from recoup.stages.lcc import lcc_math
+from recoup.stages.lcc.compensation import (
     Compensation,
     LayerCompensation,
     attach,
@@ -15,7 +15,7 @@ from recoup.stages.compensation import (
     fold_bias,
     o_proj_modules,
 )
-from recoup.stages.modelio import TinyLlamaConfig, build_tiny_llama
+from recoup.stages.model.modelio import TinyLlamaConfig, build_tiny_llama
 
 N_HEADS, D_HEAD = 4, 8
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from recoup.stages import datasources as ds
-from recoup.stages.datasources import (
+from recoup.stages.text import datasources as ds
+from recoup.stages.text.datasources import (
     AlpacaSourceConfig,
     HfSourceConfig,
     JsonlSourceConfig,

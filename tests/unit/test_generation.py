@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.stages import modelio
-from recoup.stages.modelio import TinyLlamaConfig
+from recoup.stages.model import modelio
+from recoup.stages.model.modelio import TinyLlamaConfig
 from recoup.stages.synthesize import (
     Sampling,
     SynthesizeConfig,

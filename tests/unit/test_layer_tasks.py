@@ -10,8 +10,9 @@ import torch
 
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.tasks import map_layers, task_threads
-from recoup.stages import lcc_math, lm_metrics, modelio
-from recoup.stages.heatmap import plot_head_scores
+from recoup.stages.document.heatmap import plot_head_scores
+from recoup.stages.lcc import lcc_math
+from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.select import kl_head_scores
 from recoup.stages.svd import layer_svd
 

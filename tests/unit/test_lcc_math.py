@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from recoup.stages import lcc_math as lm
-from recoup.stages.lcc_math import (
+from recoup.stages.lcc import lcc_math as lm
+from recoup.stages.lcc.lcc_math import (
     HeadScores,
     LayerInputs,
     SelectorConfig,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recoup.stages import lm_metrics
+from recoup.stages.model import lm_metrics
 
 
 def test_windows_are_non_overlapping_and_bounded() -> None:

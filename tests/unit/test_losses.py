@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recoup.stages.losses import (
+from recoup.stages.recovery.losses import (
     LossConfig,
     distill_kl,
     recovery_loss,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.stages.pruning import (
+from recoup.stages.compress.pruning import (
     HessianAccumulator,
     InputNormAccumulator,
     magnitude_scores,

@@ -9,7 +9,7 @@ import torch
 from recoup.cluster.engine import EngineConfig, deepspeed_config, lr_factor, use_bf16
 from recoup.cluster.train import sample_indices
 from recoup.stages.export import masked_lora_merge
-from recoup.stages.recovery import (
+from recoup.stages.recovery.methods import (
     Encoded,
     collate,
     encode_sample,
@@ -86,7 +86,7 @@ def test_masked_merge_keeps_pruned_weights_zero_and_refuses_non_finite() -> None
 
 
 def test_encode_and_collate_mark_the_response() -> None:
-    from recoup.stages.modelio import byte_tokenizer
+    from recoup.stages.model.modelio import byte_tokenizer
 
     tok = byte_tokenizer()
     e = encode_sample(tok, "Q:", "ab", max_len=100)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from recoup.stages import modelio
-from recoup.stages.recovery import collate, local_layer_io, rank_layers
+from recoup.stages.model import modelio
+from recoup.stages.recovery.methods import collate, local_layer_io, rank_layers
 from recoup.stages.sensitivity import ranking
 
 
@@ -24,7 +24,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
-    from recoup.stages.recovery import Encoded
+    from recoup.stages.recovery.methods import Encoded
 
     gen = torch.Generator().manual_seed(0)
     samples = [Encoded(ids=tuple(torch.randint(3, 200, (n,), generator=gen).tolist()),

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recoup.stages.datasources import AlpacaSourceConfig, Sample, load_samples
-from recoup.stages.triplets import (
+from recoup.stages.text.datasources import AlpacaSourceConfig, Sample, load_samples
+from recoup.stages.text.triplets import (
     SAMPLE_SCHEMA,
     TRIPLET_SCHEMA,
     MiniLMEncoder,

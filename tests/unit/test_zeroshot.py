@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recoup.stages import modelio, zeroshot
-from recoup.stages.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
+from recoup.stages.model import modelio
+from recoup.stages.scoring import zeroshot
+from recoup.stages.scoring.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
 
 
 def _spec(name: str) -> TaskSpec:

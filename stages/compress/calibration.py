@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from recoup.orchestrator.config import StrictModel
-from recoup.stages.datasources import AlpacaSourceConfig, SourceConfig, load_samples
+from recoup.stages.text.datasources import AlpacaSourceConfig, SourceConfig, load_samples
 
 
 class CalibrationConfig(StrictModel):

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
 
-from recoup.stages.pruning import (
+from recoup.stages.compress.pruning import (
     DEFAULT_PERCDAMP,
     DEFAULT_SPARSEGPT_BLOCKSIZE,
     DEFAULT_STAT_DTYPE,

@@ -2,7 +2,7 @@
 
 A method is registered by name with what it needs and one builder function:
 
-- ``lcc``: RestoreLCC compensation on the chosen heads (:mod:`recoup.stages.compensation`);
+- ``lcc``: RestoreLCC compensation on the chosen heads (:mod:`recoup.stages.lcc.compensation`);
   needs the svd and select stages.
 - ``lora``: LoRA adapters through ``peft`` on selected layers (a list, or ``auto``: the
   layers whose outputs the degradation moved most, :func:`layer_output_errors`).
@@ -29,14 +29,14 @@ from torch import Tensor, nn
 
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.registry import Registry
-from recoup.stages import modelio
-from recoup.stages.compensation import (
+from recoup.stages.lcc.compensation import (
     DEFAULT_INIT_STD,
     Compensation,
     HeadId,
     attach,
 )
-from recoup.stages.losses import LossConfig, recovery_loss, response_target_mask
+from recoup.stages.model import modelio
+from recoup.stages.recovery.losses import LossConfig, recovery_loss, response_target_mask
 
 LCC_FILE = "lcc.safetensors"
 LORA_DIR = "lora"

@@ -6,7 +6,7 @@ channels and "columns" are input channels. Masks are boolean KEEP masks the shap
 of the weight (True = the weight stays, False = it is set to zero).
 
 The block-by-block driver that feeds these functions with calibration statistics
-lives in `recoup.stages.blockwise`.
+lives in `recoup.stages.compress.blockwise`.
 """
 
 from __future__ import annotations

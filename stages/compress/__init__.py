@@ -1,0 +1,1 @@
+"""Compression math (pruning, fake quantization) and the block-by-block driver."""

@@ -1,0 +1,1 @@
+"""The report document: tables, plots, Markdown and HTML."""

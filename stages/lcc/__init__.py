@@ -1,0 +1,1 @@
+"""RestoreLCC: collected activations, head directions and probe, compensation."""

@@ -1,0 +1,1 @@
+"""Recovery methods (LoRA, compensation, both), their losses and merge."""

@@ -1,0 +1,1 @@
+"""Zero-shot task scoring through lm-evaluation-harness."""

@@ -1,0 +1,1 @@
+"""Text sources, samples and contrastive triplets."""
