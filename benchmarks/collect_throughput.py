@@ -58,9 +58,10 @@ from recoup.stages.collect import (
     run_collect,
     view_sequences,
 )
-from recoup.stages.compress.blockwise import DegradeSpec, degrade_blockwise
+from recoup.stages.compress.blockwise import degrade_blockwise
+from recoup.stages.compress.methods import DegradeSpec
 from recoup.stages.lcc import activations
-from recoup.stages.model import capture, modelio
+from recoup.stages.model import capture, layout, modelio
 from recoup.stages.text.datasources import AlpacaSourceConfig
 from recoup.stages.text.triplets import (
     MiniLMEncoder,
@@ -135,7 +136,7 @@ def baseline(job: CollectJob, threads: int) -> dict[str, float]:
         seqs = [view_sequences(tokenizer, t, job.max_length) for t in rows[job.shard_slice(shard)]]
         for name, model in models.items():
             flat = [s[v] for v in activations.VIEWS if VIEW_MODEL[v] == name for s in seqs]
-            decoder = capture.decoder_of(model)
+            decoder = layout.decoder(model)
             for index in capture.plan_batches([len(s.ids) for s in flat], job.batch_size):
                 batch = capture.pad_batch([flat[i] for i in index], pad_id=pad,
                                           padding_side=job.padding_side, position=job.position)

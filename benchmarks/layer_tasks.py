@@ -41,10 +41,10 @@ import torch
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.tasks import map_layers, ray_session
 from recoup.stages.lcc import activations
-from recoup.stages.lcc.lcc_math import SelectorConfig, assemble_scores
+from recoup.stages.lcc.selectors import assemble_scores
 from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD
-from recoup.stages.select import score_layer_task
+from recoup.stages.select import SelectorConfig, score_layer_task
 from recoup.stages.svd import svd_file, svd_layer_task
 
 SMOLLM2 = {"layers": 30, "heads": 9, "d_head": 64}
@@ -134,7 +134,8 @@ def run_tasks(collect: Path, out: Path, shape: dict[str, int], cluster: ClusterC
                cluster, num_cpus_per_task=1.0, max_parallel=workers, desc="svd", progress=False)
     per_layer = map_layers(
         score_layer_task,
-        [(collect, out, layer, heads, d_head, shards, sel) for layer in range(layers)],
+        [(collect, out, layer, heads, d_head, shards, sel.method, sel.params)
+         for layer in range(layers)],
         cluster, num_cpus_per_task=1.0, max_parallel=workers, desc="probe", progress=False,
     )
     wall = time.perf_counter() - t0

@@ -33,7 +33,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from recoup.stages.compress.blockwise import BlockwiseResult, DegradeSpec, degrade_blockwise
+from recoup.stages.compress.blockwise import BlockwiseResult, degrade_blockwise
+from recoup.stages.compress.methods import DegradeSpec
 
 METHODS = ("wanda", "sparsegpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

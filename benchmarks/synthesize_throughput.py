@@ -44,8 +44,8 @@ from recoup.stages.synthesize import (
     SynthesizeWorker,
     marker_file,
     run_synthesize,
-    shard_seed,
 )
+from recoup.stages.text.generation import shard_seed
 
 
 def setup(work: Path) -> Path:

@@ -1,7 +1,7 @@
 """Training throughput: DeepSpeed ZeRO on 2 Ray Train CPU workers vs a plain PyTorch loop.
 
 Both train the same trainable parameters (compensation and/or LoRA, built by the same
-:class:`recoup.stages.recovery.methods.RecoveryTask`) on the same Alpaca samples in the same order,
+:class:`recoup.stages.recovery.task.RecoveryTask`) on the same Alpaca samples in the same order,
 with the same global batch per optimizer step, in one run of this script. Throughput is
 tokens per second of the training loop itself (model loading, Ray and DeepSpeed start-up
 excluded; both loops include their first step). The plain loop gets all CPUs as torch
@@ -29,17 +29,14 @@ import torch  # noqa: E402
 
 from recoup.cluster.config import ClusterConfig  # noqa: E402
 from recoup.cluster.engine import EngineConfig, lr_factor  # noqa: E402
-from recoup.cluster.train import run_training, sample_indices  # noqa: E402
-from recoup.stages import modelio  # noqa: E402
-from recoup.stages.lcc import lcc_math
-from recoup.stages.recovery.losses import LossConfig  # noqa: E402
-from recoup.stages.recovery.methods import (  # noqa: E402
-    LccConfig,
-    LoraAdapterConfig,
-    TrainJob,
-    build_task,
-    encode_sample,
-)
+from recoup.cluster.train import run_training  # noqa: E402
+from recoup.cluster.train_state import sample_indices  # noqa: E402
+from recoup.stages.lcc.directions import svd_directions  # noqa: E402
+from recoup.stages.model import modelio  # noqa: E402
+from recoup.stages.recovery.batching import encode_sample  # noqa: E402
+from recoup.stages.recovery.config import LccConfig, LoraAdapterConfig, LossConfig  # noqa: E402
+from recoup.stages.recovery.job import TrainJob  # noqa: E402
+from recoup.stages.recovery.task import build_task  # noqa: E402
 from recoup.stages.text.datasources import AlpacaSourceConfig, load_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,14 +70,14 @@ def _job(args: argparse.Namespace, root: Path) -> TrainJob:
     gen = torch.Generator().manual_seed(0)
     chosen = [(layer, h) for layer in range(args.layers) for h in range(args.heads)
               if (layer * args.heads + h) % 4 == 0]
-    V = {hd: lcc_math.svd_directions(torch.randn(32, d_head, generator=gen))[0] for hd in chosen}
+    V = {hd: svd_directions(torch.randn(32, d_head, generator=gen))[0] for hd in chosen}
     samples = load_samples(AlpacaSourceConfig(path=args.data, num_samples=args.samples))
     encoded = [encode_sample(tok, s.prompt, s.response, args.seq_len) for s in samples]
     encoded = [e for e in encoded if len(e.ids) > e.prompt_len]
     return TrainJob(method=args.method, degraded_dir=root / "model", dense_dir=root / "model",
                     dtype="float32", samples=tuple(encoded), pad_id=int(tok.pad_token_id),
-                    loss=LossConfig(), n_heads=args.heads, lcc=LccConfig(), chosen=tuple(chosen),
-                    V=V, lora=LoraAdapterConfig(rank=8),
+                    loss=LossConfig().spec(), n_heads=args.heads, lcc=LccConfig().spec(),
+                    chosen=tuple(chosen), V=V, lora=LoraAdapterConfig(rank=8).spec(),
                     lora_layers=tuple(range(args.layers)))
 
 

@@ -46,6 +46,12 @@ STAGED_CONFIG = "run_config.yaml"
 METADATA_KEY = "recoup_run_dir"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 _POLL_S = 1.0
+#: seconds a request to the dashboard may wait for an answer (connect, then each read);
+#: a host that accepts connections and never answers must not hang ``recoup submit``
+NET_TIMEOUT_ENV = "RECOUP_NET_TIMEOUT_S"
+DEFAULT_NET_TIMEOUT_S = 30.0
+#: the upload of the working dir may take longer than an ordinary request
+UPLOAD_TIMEOUT_FACTOR = 10
 _SUBMISSION_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -65,6 +71,16 @@ class SubmitRequest:
     #: job manager resources for the driver process (it only orchestrates: 0 GPUs)
     entrypoint_num_cpus: float = 0.0
     submission_id: str | None = None
+
+
+def job_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a job command that are the user's to fix (unknown job, unreachable or
+    refusing dashboard): the CLI prints them as one sentence, not a traceback."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without token authentication
+        return (JobError, ConnectionError)
+    return (JobError, ConnectionError, AuthenticationError)
 
 
 def package_dirs() -> dict[str, Path]:
@@ -138,13 +154,52 @@ def _use_token_if_present() -> None:
         quiet.setLevel(level)
 
 
+def net_timeout_s() -> float:
+    """The network timeout: ``$RECOUP_NET_TIMEOUT_S`` when set (a positive number), else
+    :data:`DEFAULT_NET_TIMEOUT_S`."""
+    import math
+    import os
+
+    raw = os.environ.get(NET_TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise JobError(f"${NET_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+        return value
+    return DEFAULT_NET_TIMEOUT_S
+
+
 def client(address: str) -> Any:
-    """A JobSubmissionClient for the dashboard at ``address`` (``http://HEAD:8265``)."""
+    """A JobSubmissionClient for the dashboard at ``address`` (``http://HEAD:8265``) whose
+    every HTTP request has a timeout; a timeout or refused connection is a JobError naming
+    the address."""
+    import requests
     from ray.job_submission import JobSubmissionClient
+
+    timeout = net_timeout_s()
+
+    class _TimedClient(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            slow = endpoint.startswith("/api/packages")
+            kwargs.setdefault("timeout", (timeout, timeout * (UPLOAD_TIMEOUT_FACTOR
+                                                              if slow else 1)))
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.exceptions.Timeout:
+                raise JobError(f"the Ray dashboard at {address} did not answer within "
+                               f"{timeout:g} s (is it the dashboard port, usually 8265?)"
+                               ) from None
+            except requests.exceptions.ConnectionError as e:
+                raise JobError(f"cannot reach the Ray dashboard at {address}: {e}") from None
 
     _use_token_if_present()
     try:
-        return JobSubmissionClient(address)
+        return _TimedClient(address)
+    except JobError:
+        raise
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise JobError(f"cannot reach the Ray dashboard at {address}: {e}") from None
 

@@ -30,9 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from recoup.cluster.config import ClusterConfig
+from recoup.cluster.progress import Channel, attached, current
+from recoup.cluster.progress import bar as progress_bar
 from recoup.orchestrator.config import StrictModel
 
 log = logging.getLogger("recoup.cluster")
@@ -79,18 +80,23 @@ def worker_threads(num_cpus: float) -> int:
 
 
 class _ActorHost:
-    """The body of a pool actor: builds the worker once, then runs shards on it."""
+    """The body of a pool actor: builds the worker once, then runs shards on it, as a
+    worker of the calling stage (``channel``: output into its log, progress to the driver;
+    None in-process)."""
 
     def __init__(self, worker_factory: Callable[..., ShardWorker], worker_args: tuple[Any, ...],
-                 threads: int | None) -> None:
+                 threads: int | None, channel: Channel | None = None) -> None:
+        self.channel = channel
         if threads is not None:
             import torch
 
             torch.set_num_threads(threads)
-        self.worker = worker_factory(*worker_args)
+        with attached(channel):
+            self.worker = worker_factory(*worker_args)
 
     def run_shard(self, shard: int) -> Any:
-        return self.worker.run_shard(shard)
+        with attached(self.channel):
+            return self.worker.run_shard(shard)
 
 
 def _in_process(worker_factory: Callable[..., ShardWorker], worker_args: tuple[Any, ...],
@@ -128,7 +134,8 @@ def _on_ray(worker_factory: Callable[..., ShardWorker], worker_args: tuple[Any, 
             max_task_retries=max_retries,
         )
         threads = worker_threads(num_cpus)
-        actors = [actor_cls.remote(worker_factory, worker_args, threads)
+        channel = current()
+        actors = [actor_cls.remote(worker_factory, worker_args, threads, channel)
                   for _ in range(num_workers)]
         log.info("%s: %d workers x (%g CPUs, %g GPUs) for %d shards", name, num_workers,
                  num_cpus, num_gpus, len(shard_ids))
@@ -191,7 +198,7 @@ def run_shards(
     """
     if len(set(shard_ids)) != len(shard_ids):
         raise ValueError("shard ids must be unique")
-    bar = tqdm(total=len(shard_ids), desc=desc, unit="shard", disable=not progress)
+    bar = progress_bar(total=len(shard_ids), desc=desc, unit="shard", disable=not progress)
     try:
         if not shard_ids:
             return {}

@@ -8,39 +8,119 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.placement import DEFAULT_STRATEGY, Strategy, placement_problem
+from recoup.cluster.progress import (
+    POLL_INTERVAL_S,
+    Channel,
+    DriverDisplay,
+    ProgressBoard,
+    attached,
+)
 from recoup.orchestrator.stage import Metrics, Resources, StageContext, StageSpec, run_stage_fn
 
 log = logging.getLogger("recoup.cluster")
-_WORKER_TQDM_INTERVAL_S = 10
 
 
-def start_ray(cfg: ClusterConfig) -> bool:
-    """Connect to ``cfg.address`` or start a local Ray; True if this call started it."""
+@contextmanager
+def _output_logged() -> Iterator[None]:
+    """What the block writes to fds 1 and 2 (Ray's start-up notices, printed by its C++
+    core) goes to this log at INFO, i.e. into ``run.log``, not onto the console."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.info("ray: %s", line)
+
+
+def start_ray(cfg: ClusterConfig, *, log_to_driver: bool = True) -> bool:
+    """Connect to ``cfg.address`` or start a local Ray; True if this call started it.
+
+    ``log_to_driver=False`` (``recoup run``): Ray forwards no worker output to this
+    process; the stages' workers write theirs to the stage's log file
+    (:mod:`recoup.cluster.progress`). Scripts and benchmarks keep Ray's forwarding."""
     if ray.is_initialized():
         return False
-    # Stage tasks print progress bars; keep Ray's own banner and usage prompts quiet.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.address:
         log.info("connecting to the Ray cluster at %s", cfg.address)
-        ray.init(address=cfg.address, log_to_driver=True)
+        probe_ray_address(cfg.address)
+        with _output_logged():
+            ray.init(address=cfg.address, log_to_driver=log_to_driver)
     else:
         num_cpus = cfg.num_cpus or os.cpu_count() or 1
         log.info("starting a local Ray on 127.0.0.1 with %d CPUs", num_cpus)
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=cfg.dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        with _output_logged():
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=cfg.dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                log_to_driver=log_to_driver,
+                configure_logging=False,
+            )
     return True
+
+
+#: the HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the
+#: Ray client server) answers them with its own SETTINGS frame at once
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def probe_ray_address(address: str, timeout_s: float | None = None) -> None:
+    """Check that ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``) answers like a gRPC
+    server within ``timeout_s`` (default: :func:`recoup.cluster.jobs.net_timeout_s`), so a
+    wrong host or port is one ConnectionError naming the address, never a hang. ``auto``
+    and ``local`` (a cluster found on this machine) are not probed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from recoup.cluster.jobs import net_timeout_s
+
+    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return
+    split = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = split.hostname, split.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ConnectionError(f"cluster.address {address!r} is not HOST:PORT "
+                              "(e.g. 10.0.0.1:6379, or ray://10.0.0.1:10001)")
+    timeout = timeout_s if timeout_s is not None else net_timeout_s()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_HELLO)
+            if not sock.recv(1):
+                raise ConnectionError(f"the Ray cluster at {address} closed the connection "
+                                      "without answering (is it the GCS port, usually 6379?)")
+    except TimeoutError:
+        raise ConnectionError(f"the Ray cluster at {address} did not answer within "
+                              f"{timeout:g} s (is it the GCS port, usually 6379?)") from None
+    except OSError as e:
+        if isinstance(e, ConnectionError) and str(e).startswith("the Ray cluster"):
+            raise
+        raise ConnectionError(f"cannot reach the Ray cluster at {address}: "
+                              f"{e.strerror or e}") from None
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -60,18 +140,30 @@ def check_placement(bundles: list[dict[str, float]], what: str,
     return problem
 
 
-def _run_stage(spec: StageSpec, ctx: StageContext) -> Metrics:
-    # Runs on a Ray worker: torch's thread pool follows the CPUs Ray granted the task.
-    return run_stage_fn(spec, ctx)
+def _run_stage(spec: StageSpec, ctx: StageContext, channel: Channel) -> Metrics:
+    # Runs on a Ray worker: its output goes to the stage's log, its progress to the board.
+    with attached(channel, log_records=False):  # run_stage_fn writes the records
+        return run_stage_fn(spec, ctx)
+
+
+def stage_log_path(run_dir: Path, stage: str) -> Path:
+    """The stage's log file (the one :func:`run_stage_fn` writes the stage's records to)."""
+    return run_dir / "logs" / f"{stage}.log"
 
 
 class RayExecutor:
-    """Runs each stage as one Ray task with the resources the runner asks for."""
+    """Runs each stage as one Ray task with the resources the runner asks for.
 
-    def __init__(self, cfg: ClusterConfig):
-        self._started = start_ray(cfg)
+    The console shows one bar for the running stage, fed by its workers through a
+    :class:`ProgressBoard` actor, and the warnings they log, once each; their output goes
+    to the stage's log file (``verbose``: also printed here as it grows)."""
+
+    def __init__(self, cfg: ClusterConfig, *, progress: bool = True, verbose: bool = False):
+        self._started = start_ray(cfg, log_to_driver=False)
         total = ray.cluster_resources().get("CPU", 1.0)
         self._cpu_cap = float(total)
+        self._progress, self._verbose = progress, verbose
+        self._warned: set[str] = set()
 
     def execute(self, spec: StageSpec, ctx: StageContext, resources: Resources) -> Metrics:
         num_cpus = min(resources.num_cpus, self._cpu_cap)
@@ -79,14 +171,23 @@ class RayExecutor:
         task: Any = ray.remote(_run_stage).options(
             num_cpus=num_cpus, num_gpus=resources.num_gpus, max_retries=0,
             name=f"recoup:{spec.name}",
-            # Ray forwards worker output line by line: redraw progress bars rarely.
-            runtime_env={"env_vars": {"TQDM_MININTERVAL": str(_WORKER_TQDM_INTERVAL_S)}},
         )
+        board: Any = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        log_path = stage_log_path(ctx.run_dir, spec.name)
+        display = DriverDisplay(board, stage=spec.name, progress=self._progress,
+                                verbose=self._verbose, log_path=log_path,
+                                seen_warnings=self._warned)
         try:
-            return ray.get(task.remote(spec, ctx))
+            ref = task.remote(spec, ctx, Channel(board=board, log_path=log_path))
+            while not ray.wait([ref], timeout=POLL_INTERVAL_S)[0]:
+                display.poll()
+            return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             # Surface the stage's own exception (one sentence), not Ray's wrapper.
             raise (e.cause if e.cause is not None else e) from None
+        finally:
+            display.close()
+            ray.kill(board)
 
     def close(self) -> None:
         if self._started:

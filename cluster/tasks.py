@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
-
 from recoup.cluster.config import ClusterConfig
+from recoup.cluster.progress import Channel, attached, current
+from recoup.cluster.progress import bar as progress_bar
 
 log = logging.getLogger("recoup.cluster")
 
@@ -51,6 +51,14 @@ def _call_with_threads(fn: Callable[..., T], args: tuple[Any, ...], threads: int
         return fn(*args)
     finally:
         torch.set_num_threads(before)
+
+
+def _call_attached(fn: Callable[..., T], args: tuple[Any, ...], threads: int,
+                   channel: Channel | None) -> T:
+    """A Ray task's body: :func:`_call_with_threads` as a worker of the calling stage (its
+    output into the stage's log, its progress to the driver)."""
+    with attached(channel):
+        return _call_with_threads(fn, args, threads)
 
 
 def _serial(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], threads: int,
@@ -93,7 +101,7 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
     import ray
 
     with ray_session(cluster_cfg):
-        remote: Any = ray.remote(_call_with_threads).options(
+        remote: Any = ray.remote(_call_attached).options(
             num_cpus=num_cpus, max_retries=0, name=name
         )
         limit = len(items) if max_parallel is None else max_parallel
@@ -101,10 +109,11 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
         pending: dict[Any, int] = {}
         queue = list(enumerate(items))
         queue.reverse()  # pop() from the end submits item 0 first
+        channel = current()
         while queue or pending:
             while queue and len(pending) < limit:
                 index, args = queue.pop()
-                pending[remote.remote(fn, args, threads)] = index
+                pending[remote.remote(fn, args, threads, channel)] = index
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 index = pending.pop(ref)
@@ -141,7 +150,7 @@ def map_layers(
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
     items = [tuple(a) for a in args_per_layer]
     threads = task_threads(num_cpus_per_task)
-    bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
+    bar = progress_bar(total=len(items), desc=desc, unit="task", disable=not progress)
     try:
         if not items:
             return []

@@ -13,19 +13,9 @@ nothing from globals. The task gives the module (trainable parameters have
 parameters. This module owns the rest: the DeepSpeed engine, the deterministic data
 order, checkpoints and their resume, logging.
 
-Determinism (what makes a resumed run end where an uninterrupted one ends):
-
-- the samples of micro-batch ``g`` on rank ``r`` are a pure function of (seed, g, r):
-  a stream of seeded per-epoch permutations, cut in order;
-- the torch RNG is reseeded from (seed, g, r) before every micro-batch (dropout);
-- model, optimizer and LR-schedule state come back from the DeepSpeed checkpoint.
-
-Checkpoints (``OUT/checkpoints``): DeepSpeed tags ``step-NNNNNN`` saved every
-``checkpoint_every`` steps without the frozen base weights; one counts only once
-``latest.json`` names it (written atomically by rank 0 after every rank saved). A
-``job.json`` holds the fingerprint of the job; checkpoints of another job are deleted
-before training, never resumed. ``OUT/log.jsonl`` gets one line per optimizer step from
-rank 0 (step, loss, lr, tokens, elapsed); lines past the resumed step are dropped.
+Determinism and resume (data order, checkpoints every ``checkpoint_every`` steps without
+the frozen base weights, the step log) live in :mod:`recoup.cluster.train_state`; model,
+optimizer and LR-schedule state come back from the DeepSpeed checkpoint.
 
 Worker failures: when a Ray Train worker process dies (a lost node, an OOM kill), Ray Train
 restarts the whole worker group, up to ``cluster.train_max_failures`` times; the restarted
@@ -36,6 +26,7 @@ the run ends where an uninterrupted one ends.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -50,16 +41,23 @@ import torch
 
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.engine import EngineConfig, deepspeed_config, lr_factor, use_bf16
-from recoup.orchestrator.store import TMP_MARK, atomic_write_json
+from recoup.cluster.progress import attached
+from recoup.cluster.progress import current as current_channel
+from recoup.cluster.train_state import (
+    CHECKPOINTS,
+    LOG,
+    StepLog,
+    latest_checkpoint,
+    micro_seed,
+    prepare_checkpoints,
+    read_log,
+    sample_indices,
+    save_checkpoint,
+)
+from recoup.orchestrator.store import TMP_MARK, atomic_write_json, commit_path, tmp_path_for
 
-CHECKPOINTS = "checkpoints"
 PARAMS = "params"
-LOG = "log.jsonl"
 RESULT = "train_result.json"
-_JOB = "job.json"
-_LATEST = "latest.json"
-_SEED_MIX = 1_000_003
-"""Prime mixing (seed, micro-batch, rank) into one RNG seed."""
 
 
 class TrainTask(Protocol):
@@ -79,7 +77,10 @@ class TrainTask(Protocol):
         runs the wrapped module."""
 
     def save(self, folder: Path) -> dict[str, Any]:
-        """Write the trained parameters to ``folder`` (rank 0, parameters gathered)."""
+        """Write the trained parameters to ``folder`` (rank 0, parameters gathered).
+
+        Optional: ``param_groups(lr) -> list[dict]``, AdamW parameter groups (each may set
+        its own ``lr``); without it every trainable parameter trains at ``lr``."""
 
 
 TaskFactory = Callable[[Any, torch.device], TrainTask]
@@ -107,114 +108,6 @@ class CrashHook:
         except FileNotFoundError:
             return
         os._exit(1)
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def sample_indices(n: int, *, seed: int, micro_batch: int, world_size: int, g: int,
-                   rank: int) -> list[int]:
-    """Indices of micro-batch ``g`` (global, counting accumulation steps) on ``rank``.
-
-    The samples form a stream of per-epoch permutations, each seeded by (seed, epoch);
-    micro-batch ``g`` takes the ``world_size * micro_batch`` stream entries from position
-    ``g * world_size * micro_batch``, rank ``r`` the ``r``-th ``micro_batch`` of them.
-    """
-    if n < 1:
-        raise ValueError("no training samples")
-    start = (g * world_size + rank) * micro_batch
-    out = []
-    perms: dict[int, torch.Tensor] = {}
-    for pos in range(start, start + micro_batch):
-        epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            gen = torch.Generator().manual_seed(seed * _SEED_MIX + epoch)
-            perms[epoch] = torch.randperm(n, generator=gen)
-        out.append(int(perms[epoch][i]))
-    return out
-
-
-def micro_seed(seed: int, g: int, rank: int, world_size: int) -> int:
-    return (seed * _SEED_MIX + g * world_size + rank) % (2**63)
-
-
-def tag_of(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(folder: Path) -> tuple[str, int] | None:
-    """(tag, step) of the newest complete checkpoint in ``folder``, or None."""
-    path = folder / _LATEST
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    if not (folder / info["tag"]).is_dir():
-        return None
-    return info["tag"], int(info["step"])
-
-
-def prepare_checkpoints(folder: Path, fingerprint: str) -> int:
-    """Keep ``folder``'s checkpoints only if they belong to job ``fingerprint``.
-
-    Returns the step training will resume from (0: from scratch). Runs on the driver
-    before any worker starts, so workers never race on the cleanup.
-    """
-    job = folder / _JOB
-    if job.is_file() and json.loads(job.read_text()).get("fingerprint") == fingerprint:
-        latest = latest_checkpoint(folder)
-        return latest[1] if latest else 0
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    atomic_write_json(job, {"fingerprint": fingerprint})
-    return 0
-
-
-def _save_checkpoint(engine: Any, folder: Path, step: int, keep: int, rank: int) -> None:
-    import torch.distributed as dist
-
-    tag = tag_of(step)
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step},
-                           save_latest=False, exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:
-        atomic_write_json(folder / _LATEST, {"tag": tag, "step": step})
-        tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
-        for old in tags[:-keep]:
-            shutil.rmtree(folder / old, ignore_errors=True)
-    dist.barrier()
-
-
-# --------------------------------------------------------------------------- logging
-
-
-@dataclass
-class StepLog:
-    """``log.jsonl``: one JSON line per optimizer step, written by rank 0 only."""
-
-    path: Path
-    enabled: bool
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps past ``step`` (they will be trained again)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -258,13 +151,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
     from tqdm.auto import tqdm
 
+    from recoup.cluster.progress import bar as progress_bar
+
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(config["out_dir"])
     ckpt_dir = out_dir / CHECKPOINTS
     torch.manual_seed(engine_cfg.seed)  # the same trainable init on every rank
     task: TrainTask = config["make_task"](config["task_spec"], device)
     bf16 = use_bf16(engine_cfg, device.type)
-    params = [p for p in task.module.parameters() if p.requires_grad]
+    # a task may give parameter groups with their own peak lr (the schedule scales them all)
+    params = task.param_groups(engine_cfg.lr) if hasattr(task, "param_groups") else [
+        p for p in task.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=engine_cfg.lr, betas=engine_cfg.betas,
                                   weight_decay=engine_cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
@@ -287,8 +184,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     accum = engine_cfg.grad_accum
     tokens_total = 0
     stop = config.get("stop_after_steps")
-    bar = tqdm(total=engine_cfg.steps, initial=start, desc="train", unit="step",
-               disable=rank != 0 or not config.get("progress", True))
+    # rank 0's bar also feeds the driver's console (recoup.cluster.progress)
+    bar = (progress_bar if rank == 0 else tqdm)(
+        total=engine_cfg.steps, initial=start, desc="train", unit="step",
+        disable=rank != 0 or not config.get("progress", True))
     t0, cpu0 = time.time(), time.process_time()
     for step in range(start, engine_cfg.steps):
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, micro, tokens
@@ -309,6 +208,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
         dist.all_reduce(stats)  # on the device: nccl reduces GPU tensors only
         stats = stats.cpu()
+        if not math.isfinite(float(stats[0])):
+            # every rank sees the reduced sum, so all stop here together; no checkpoint of
+            # the poisoned weights is written and the stage fails instead of passing as done
+            raise FloatingPointError(
+                f"training loss is {float(stats[0] / stats[1])} at step {step + 1} of "
+                f"{engine_cfg.steps} (non-finite); lower train.engine.lr or check the inputs")
         tokens_total += int(stats[2])
         record = {"step": step + 1, "loss": float(stats[0] / stats[1]), "lr": lr,
                   "tokens": int(stats[2]), "elapsed_s": round(time.time() - t0, 3)}
@@ -318,7 +223,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         done = step + 1
         if done % engine_cfg.checkpoint_every == 0 or done == engine_cfg.steps:
-            _save_checkpoint(engine, ckpt_dir, done, engine_cfg.keep_checkpoints, rank)
+            save_checkpoint(engine, ckpt_dir, done, engine_cfg.keep_checkpoints, rank)
         if config.get("crash") is not None:
             config["crash"].maybe_crash(done)
         if stop is not None and done >= stop and done < engine_cfg.steps:
@@ -355,13 +260,11 @@ def _gather_and_save(task: TrainTask, folder: Path, rank: int) -> dict[str, Any]
     saved: dict[str, Any] = {}
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if rank == 0:
-            tmp = folder.with_name(f"{folder.name}{TMP_MARK}{os.getpid()}")
+            tmp = tmp_path_for(folder)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             saved = task.save(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            commit_path(tmp, folder)
     return saved
 
 
@@ -417,6 +320,13 @@ def _destroy_group() -> None:
         dist.destroy_process_group()
 
 
+def _attached_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """A Ray Train worker: :func:`train_loop` with its output in the stage's log and its
+    progress sent to the driver (``config["channel"]``)."""
+    with attached(config.get("channel")):
+        return train_loop(config)
+
+
 def _run_ray(config: dict[str, Any], engine: EngineConfig, cluster: ClusterConfig,
              device: torch.device, storage: Path) -> dict[str, Any]:
     import ray
@@ -430,7 +340,7 @@ def _run_ray(config: dict[str, Any], engine: EngineConfig, cluster: ClusterConfi
     resources = {"CPU": engine.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
     try:
         trainer = TorchTrainer(
-            train_loop,
+            _attached_train_loop,
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=engine.workers, use_gpu=gpu,
                                          resources_per_worker=resources),
@@ -479,7 +389,7 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
     config = {
         "make_task": make_task, "task_spec": task_spec, "engine": engine, "device": device,
         "out_dir": str(out_dir), "progress": progress, "stop_after_steps": stop_after_steps,
-        "crash": crash,
+        "crash": crash, "channel": current_channel(),
     }
     if cluster.mode == "inprocess":
         return _run_inprocess(config)
@@ -492,20 +402,12 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
 
 
 __all__ = (
-    "CHECKPOINTS",
-    "CrashHook",
-    "LOG",
     "PARAMS",
     "RESULT",
-    "StepLog",
+    "CrashHook",
     "TaskFactory",
     "TrainTask",
     "TrainingStopped",
-    "latest_checkpoint",
-    "micro_seed",
-    "prepare_checkpoints",
-    "read_log",
     "run_training",
-    "sample_indices",
     "train_loop",
 )

@@ -24,7 +24,8 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _executor_factory(cfg):  # noqa: ANN001, ANN202 - RunConfig, imported lazily
+def _executor_factory(cfg, *, progress: bool = True,  # noqa: ANN001, ANN202 - RunConfig
+                      verbose: bool = False):
     from recoup.orchestrator.stage import InProcessExecutor
 
     if cfg.cluster.mode == "inprocess":
@@ -33,7 +34,7 @@ def _executor_factory(cfg):  # noqa: ANN001, ANN202 - RunConfig, imported lazily
     def make():  # noqa: ANN202
         from recoup.cluster.runtime import RayExecutor
 
-        return RayExecutor(cfg.cluster)
+        return RayExecutor(cfg.cluster, progress=progress, verbose=verbose)
 
     return make
 
@@ -52,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(
         update={"dir": cfg.run.dir.expanduser().absolute()})})
     print(f"run directory: {cfg.run.dir}")
-    run_pipeline(cfg, executor_factory=_executor_factory(cfg), progress=not args.no_progress)
+    run_pipeline(cfg, executor_factory=_executor_factory(
+        cfg, progress=not args.no_progress, verbose=args.verbose), progress=not args.no_progress)
     return 0
 
 
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted overrides of config values, e.g. degrade.sparsity=0.6")
     run.add_argument("--run-dir", help="run directory (overrides run.dir)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--verbose", action="store_true",
+                     help="also print the workers' output (weight loading, lm-eval, DeepSpeed, "
+                     "Ray Train) as it is written to the stage's log under RUN/logs/")
     run.set_defaults(fn=cmd_run)
 
     st = sub.add_parser("status", help="show each stage of a run directory",
@@ -106,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INTERRUPTED = 130
+
+
+def _interrupted(debug: bool) -> int:
+    """Ctrl-C: one line, the shell's exit status for SIGINT. Finished stages keep their
+    manifests; the interrupted one is recorded as failed and re-runs next time."""
+    if debug:
+        raise
+    print("recoup: interrupted; finished stages are kept, the next run resumes from them",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`run CFG --run-dir D a.b=1`): argparse
@@ -117,13 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = [*args.overrides, *extra]
-    configure_console(logging.DEBUG if args.debug else logging.INFO)
+    configure_console(logging.DEBUG if args.debug else logging.INFO,
+                      verbose=args.debug or getattr(args, "verbose", False))
     from recoup.orchestrator.config import ConfigError
     from recoup.orchestrator.lock import LockHeldError
     from recoup.orchestrator.runner import StageFailedError
 
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        return _interrupted(args.debug)
     except (ConfigError, LockHeldError, FileNotFoundError, ValueError) as e:
         if args.debug:
             raise
@@ -136,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recoup: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailedError as e:
+        if isinstance(e.cause, KeyboardInterrupt):
+            return _interrupted(args.debug)
         if args.debug:
             raise
         print(f"recoup: error: {e} (details: {Path('logs')}/{e.stage}.log in the run directory)",

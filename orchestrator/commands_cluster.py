@@ -27,21 +27,54 @@ def _friendly(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
-        from recoup.cluster.jobs import JobError
+        from recoup.cluster.jobs import job_errors
 
         try:
-            from ray.exceptions import AuthenticationError
-        except ImportError:  # a Ray without token authentication
-            AuthenticationError = JobError  # noqa: N806
-        try:
             return fn(args)
-        except (JobError, ConnectionError, AuthenticationError) as e:
+        except job_errors() as e:
             if args.debug:
                 raise
             print(f"recoup: error: {e}", file=sys.stderr)
             return EXIT_USAGE
 
     return run
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (``0``, ``-1``, ``nan``, ``inf`` are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in [0, 1)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -248,7 +281,7 @@ def register(sub: Any) -> None:
     sp = jsub.add_parser("stop", help="stop a running job (resubmit to resume it)")
     sp.add_argument("job_id")
     sp.add_argument("--wait", action="store_true", help="wait until it has stopped")
-    sp.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    sp.add_argument("--timeout", type=positive_number, default=60.0, help="seconds --wait waits")
     _add_address(sp)
     sp.set_defaults(fn=cmd_job_stop)
     ls = jsub.add_parser("list", help="the recoup jobs the cluster knows")
@@ -267,12 +300,12 @@ def register(sub: Any) -> None:
     pl.add_argument("--model", help="model shape to plan for instead of prepare.source: a "
                     "built-in name (Llama-2-7b-hf, Llama-2-13b-hf, Llama-2-70b-hf, "
                     "smollm2-135m) or a Hugging Face config.json / folder")
-    pl.add_argument("--gpu-memory", type=float, metavar="GB",
+    pl.add_argument("--gpu-memory", type=positive_number, metavar="GB",
                     help="memory of one GPU in GB (1e9 bytes); default 80")
-    pl.add_argument("--headroom", type=float,
+    pl.add_argument("--headroom", type=fraction,
                     help="share of each GPU kept free for CUDA context and fragmentation; "
                     "default 0.1")
-    pl.add_argument("--gpus-per-node", type=int, help="GPUs of one node; default 8")
+    pl.add_argument("--gpus-per-node", type=positive_int, help="GPUs of one node; default 8")
     pl.add_argument("--cluster", metavar="YAML",
                     help="Ray cluster-launcher config whose node types bound the cluster "
                     "(checks that each stage's worker group can be placed)")

@@ -5,11 +5,39 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recoup.stages.document.facts import RunFacts
+
+
+def facts_from_run_dir(run_dir: Path) -> RunFacts:
+    """Facts from a run directory: every stage of its last config that is done (manifest
+    current, outputs of the recorded sizes); the others are listed as skipped. Here and
+    not in the document library, because it asks the runner which stages are done."""
+    from recoup.orchestrator.runner import load_run_dir_config, plan_run
+    from recoup.stages.document.facts import RunFacts, facts_from_folders
+
+    cfg = load_run_dir_config(run_dir)
+    folders: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for plan in plan_run(cfg, verify="size"):
+        if plan.name == "report":
+            continue
+        if plan.state == "done":
+            folders[plan.name] = run_dir / plan.name
+        elif (run_dir / plan.name).exists():
+            why = plan.reasons[0][:120] if plan.reasons else ""
+            if len(plan.reasons) > 1:
+                why += f"; {len(plan.reasons) - 1} more reasons"
+            skipped[plan.name] = plan.state + (f" ({why})" if why else "")
+    facts = facts_from_folders(run_dir.resolve().name, folders)
+    return RunFacts(name=facts.name, folders=facts.folders, manifests=facts.manifests,
+                    skipped=skipped)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from recoup.stages.report import build_report, facts_from_run_dir, write_report
+    from recoup.stages.document.pages import build_report, write_report
 
     run_dir = Path(args.run_dir)
     facts = facts_from_run_dir(run_dir)
@@ -24,7 +52,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from recoup.stages.report import build_comparison, facts_from_run_dir, write_report
+    from recoup.stages.document.pages import build_comparison, write_report
 
     names = [Path(d).resolve().name for d in args.run_dirs]
     if len(set(names)) != len(names):
@@ -39,6 +67,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add ``report`` and ``compare`` to the ``recoup`` subcommands."""
     rep = sub.add_parser(
@@ -49,7 +88,7 @@ def register(sub: Any) -> None:
     )
     rep.add_argument("run_dir", help="a run directory written by `recoup run`")
     rep.add_argument("--out", help="folder for report.md and report.html (default: RUN_DIR)")
-    rep.add_argument("--spectra-heads", type=int, default=4, metavar="N",
+    rep.add_argument("--spectra-heads", type=_count, default=4, metavar="N",
                      help="heads whose singular value spectra are plotted (default 4)")
     rep.set_defaults(fn=cmd_report)
 

@@ -10,12 +10,14 @@ cost seconds, not a GPU-hour.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,14 +39,73 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode,
+                                deep: bool = False) -> dict[Any, Any]:
+    """A YAML mapping; a key given twice is an error naming the key and both lines (YAML's
+    own rule, which PyYAML does not enforce: it silently keeps the last value, so a repeated
+    section would drop the first one whole)."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping says so itself
+            break
+        if first is not None:
+            where = f" in {key_node.start_mark.name}" if key_node.start_mark.name else ""
+            raise ConfigError(f"duplicate key {key!r} at line {line}{where} "
+                              f"(first given at line {first}); give each key once")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                        _mapping_without_duplicates)
+
+
+def yaml_load(text: str, name: str | None = None) -> Any:
+    """Parse YAML text (``name``: the file, for messages); duplicate keys are refused."""
+    loader = _Loader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _numeric_not_bool(annotation: Any) -> bool:
+    """True if a field of this type takes numbers but not booleans (``int``, ``float``,
+    ``int | None``...): YAML's ``true`` must not pass there as 1."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _numeric_not_bool(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return bool not in args and any(_numeric_not_bool(a) for a in args)
+    return annotation in (int, float)
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors and values are immutable."""
+    """Base for every config section: unknown keys are errors, values are immutable, every
+    float is finite (``.inf`` or ``nan`` for a learning rate is a typo, not a setting) and
+    a boolean is not a number (``steps: true`` is refused, not read as 1)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if (isinstance(value, bool) and field is not None
+                        and _numeric_not_bool(field.annotation)):
+                    raise ValueError(f"{key}: {str(value).lower()} is a boolean, not a "
+                                     "number; give a number")
+        return data
 
 
 class ConfigError(ValueError):
@@ -83,7 +144,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(path.read_text(), name=str(path))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file ({e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if data is None:
@@ -93,16 +156,42 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def _is_subsequence(short: Sequence[str], long: Sequence[str]) -> bool:
+    it = iter(long)
+    return all(part in it for part in short)
+
+
+def _origin(loc: Sequence[str], source: str, overrides: Mapping[str, str]) -> str:
+    """Who set the value at fault: the override that set it (or a section above it, or the
+    same key seen through a tagged union: ``data.source.alpaca.path`` for
+    ``data.source.path``), else the file. A check of a whole section that an override
+    changed names both."""
+    key = ".".join(loc)
+    if key in overrides:
+        return f"override {overrides[key]!r}"
+    for okey, text in overrides.items():
+        parts = okey.split(".")
+        same_ends = bool(loc) and parts[0] == loc[0] and parts[-1] == loc[-1]
+        if key.startswith(okey + ".") or (same_ends and _is_subsequence(parts, loc)):
+            return f"override {text!r}"
+    touched = [text for okey, text in overrides.items() if okey.startswith(key + ".") or not key]
+    if touched:
+        return f"{source} with override {', '.join(repr(t) for t in touched)}"
+    return source
+
+
 def _describe_error(err: Mapping[str, Any], source: str, overrides: Mapping[str, str]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    origin = f"override {overrides[key]!r}" if key in overrides else source
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    origin = _origin(loc, source, overrides)
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}'"
     if err["type"] == "missing":
         return f"{origin}: required key '{key}' is missing"
     got = err.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{origin}: {key}: {err['msg']}{got_text}"
+    got_text = "" if isinstance(got, dict | BaseModel) else f" (got {got!r})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{origin}: {key + ': ' if key else ''}{msg}{got_text}"
 
 
 def validate(model: type[M], data: Mapping[str, Any], *, source: str,

@@ -16,10 +16,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -27,11 +26,12 @@ from typing import Any, Literal
 
 import yaml
 
-from recoup.orchestrator import store
+from recoup.orchestrator import rundir, store
 from recoup.orchestrator.config import diff_configs
-from recoup.orchestrator.lock import RunLock, holder_alive
+from recoup.orchestrator.lock import RunLock, holder_alive, holder_identity
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.stage import (
+    DataDir,
     Executor,
     InProcessExecutor,
     Metrics,
@@ -47,6 +47,8 @@ log = logging.getLogger("recoup.runner")
 State = Literal["done", "stale", "pending", "failed", "running"]
 CONFIG_FILE = "config.yaml"
 KILL_AT_ENV = "RECOUP_KILL_AT"
+#: manifest metric holding the sha256 of each data file the stage read
+DATA_METRIC = "data_files"
 _VERSIONED = ("recoup", "torch", "transformers", "ray", "deepspeed", "peft", "pyarrow")
 
 
@@ -57,12 +59,15 @@ class StageFailedError(RuntimeError):
         self.cause = cause
 
 
-def fingerprint(name: str, version: int, config: dict[str, Any], upstream: dict[str, str]) -> str:
-    payload = json.dumps(
-        {"stage": name, "version": version, "config": config, "upstream": upstream},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+def fingerprint(name: str, version: int, config: dict[str, Any], upstream: dict[str, str],
+                data: Mapping[str, str] | None = None) -> str:
+    """``data``: sha256 of each data file the stage reads (:mod:`recoup.orchestrator.rundir`);
+    left out of the hash when empty, so stages that read no data keep their fingerprints."""
+    obj: dict[str, Any] = {"stage": name, "version": version, "config": config,
+                           "upstream": upstream}
+    if data:
+        obj["data"] = dict(data)
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -80,6 +85,8 @@ class StagePlan:
     #: resized or corrupted), naming the file; logged when the stage is re-run, so run.log
     #: keeps a record of damage that a later clean run would otherwise hide
     damage: str | None = None
+    #: sha256 of each data file the stage reads (part of its fingerprint)
+    data: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -108,11 +115,15 @@ def pipeline_specs(cfg: RunConfig) -> list[StageSpec]:
 
 
 def _why_stale(plan_fp: str, spec: StageSpec, config: dict[str, Any], upstream: dict[str, str],
-               m: store.Manifest) -> list[str]:
+               m: store.Manifest, data: Mapping[str, str] | None = None) -> list[str]:
     reasons: list[str] = []
     if m.version != spec.version:
         reasons.append(f"stage code version {m.version} -> {spec.version}")
     reasons += diff_configs(m.config, config, prefix=f"{spec.config_key}.")
+    old_data = m.metrics.get(DATA_METRIC) if isinstance(m.metrics, dict) else None
+    if isinstance(old_data, dict):
+        reasons += [f"data file {k} changed" for k, v in (data or {}).items()
+                    if k in old_data and old_data[k] != v]
     for up, fp in upstream.items():
         if m.upstream.get(up) != fp:
             reasons.append(f"upstream stage '{up}' changed")
@@ -124,14 +135,27 @@ def _why_stale(plan_fp: str, spec: StageSpec, config: dict[str, Any], upstream: 
 def _marker_pid_alive(marker: Path) -> bool:
     try:
         return holder_alive(json.loads(marker.read_text()))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return False
+
+
+def _read_failure(failed: Path) -> dict[str, Any]:
+    """``failed.json``, or a stand-in naming the file when it is damaged: a damaged record
+    of a failure must not block the re-run it asks for."""
+    try:
+        info = json.loads(failed.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("error", ""), str):
+        return {"error": f"failed earlier ({failed} is unreadable)"}
+    return info
 
 
 def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, Any],
                  upstream: dict[str, str], verify: store.Verify,
-                 upstream_ok: bool) -> StagePlan:
-    base = {"spec": spec, "fingerprint": fp, "config": config, "upstream": upstream}
+                 upstream_ok: bool, data: dict[str, str] | None = None) -> StagePlan:
+    base = {"spec": spec, "fingerprint": fp, "config": config, "upstream": upstream,
+            "data": data or {}}
     running = stage_dir / store.RUNNING
     if running.exists() and _marker_pid_alive(running):
         return StagePlan(**base, state="running")
@@ -152,36 +176,51 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
         if manifest.fingerprint == fp:
             reasons = [f"upstream stage '{r}' is re-run" for r in upstream]
         else:
-            reasons = _why_stale(fp, spec, config, upstream, manifest)
+            reasons = _why_stale(fp, spec, config, upstream, manifest, data)
         return StagePlan(**base, state="stale", reasons=tuple(reasons), manifest=manifest)
     failed = stage_dir / store.FAILED
     if running.exists():
         return StagePlan(**base, state="failed",
                          reasons=("interrupted: the process running it died",))
     if failed.exists():
-        info = json.loads(failed.read_text())
+        info = _read_failure(failed)
         return StagePlan(**base, state="failed", reasons=(info.get("error", "?"),), failure=info)
     return StagePlan(**base, state="pending")
 
 
-def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None) -> list[StagePlan]:
-    """State of every pipeline stage against the current config, without running anything."""
+def _data_dir_or_none(cfg: RunConfig) -> Path | None:
+    try:
+        return DataDir(cfg.run.data_dir)()
+    except FileNotFoundError:
+        return None  # a data-free run: the stages that need data say so themselves
+
+
+def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None,
+             save_hashes: bool = False) -> list[StagePlan]:
+    """State of every pipeline stage against the current config, without running anything.
+    ``save_hashes``: keep the data-file hashes in the run's cache (the runner, under the
+    lock; ``status`` only reads)."""
     verify = verify or cfg.run.verify
     plans: list[StagePlan] = []
     fps: dict[str, str] = {}
     done: set[str] = set()
+    data_dir = _data_dir_or_none(cfg)
+    hasher = rundir.DataHasher(cfg.run.dir / rundir.HASH_CACHE)
     for spec in pipeline_specs(cfg):
         config = spec.config_of(cfg).model_dump(mode="json")
         deps = spec.inputs_in(cfg.run.pipeline)
         upstream = {r: fps[r] for r in deps}
-        fp = fingerprint(spec.name, spec.version, config, upstream)
+        data = rundir.data_digests(config, data_dir, hasher)
+        fp = fingerprint(spec.name, spec.version, config, upstream, data)
         fps[spec.name] = fp
         upstream_ok = all(r in done for r in deps)
         plan = _stage_state(spec, cfg.run.dir / spec.name, fp, config, upstream, verify,
-                            upstream_ok)
+                            upstream_ok, data)
         if plan.state == "done":
             done.add(spec.name)
         plans.append(plan)
+    if save_hashes:
+        hasher.save()
     return plans
 
 
@@ -205,6 +244,21 @@ class RunOutcome:
     metrics: dict[str, Metrics] = field(default_factory=dict)
 
 
+def stage_context(cfg: RunConfig, spec: StageSpec, *, out_dir: Path,
+                  inputs: Mapping[str, Path], fingerprint: str,
+                  upstream: Mapping[str, str], progress: bool = True,
+                  data_files: Mapping[str, str] | None = None) -> StageContext:
+    """What the runner hands a stage: its inputs and config section, its fingerprint and
+    those of its upstream stages, and the run-wide settings it may read (device, data
+    folder, cluster). Tests that call one stage directly build their context here too."""
+    return StageContext(
+        name=spec.name, run_dir=cfg.run.dir, out_dir=out_dir, inputs=dict(inputs),
+        config=spec.config_of(cfg), fingerprint=fingerprint, upstream=dict(upstream),
+        device=cfg.run.device, data_dir=DataDir(cfg.run.data_dir), cluster=cfg.cluster,
+        run=cfg, progress=progress, data_files=dict(data_files or {}),
+    )
+
+
 def _start_stage(spec: StageSpec, stage_dir: Path) -> Path:
     """Mark the stage running and return the folder it writes into.
 
@@ -213,11 +267,13 @@ def _start_stage(spec: StageSpec, stage_dir: Path) -> Path:
     complete, so a failed re-run (disk full, a bug, a kill) leaves the previous complete
     state of the run intact.
     """
+    if not rundir.is_ours(stage_dir):
+        raise rundir.RunDirError(
+            f"{stage_dir} was not made by recoup (no {store.MANIFEST}, {store.RUNNING} or "
+            f"{store.FAILED} in it); move it out of the run directory")
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / store.FAILED).unlink(missing_ok=True)
-    store.atomic_write_json(stage_dir / store.RUNNING,
-                            {"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.time()})
+    store.atomic_write_json(stage_dir / store.RUNNING, holder_identity())
     if spec.resumable:
         store.remove_temporaries(stage_dir)
         (stage_dir / store.MANIFEST).unlink(missing_ok=True)
@@ -257,8 +313,8 @@ def _execute(plan: StagePlan, cfg: RunConfig, executor: Executor,
     spec = plan.spec
     stage_dir = cfg.run.dir / spec.name
     work = _start_stage(spec, stage_dir)
-    ctx = StageContext(name=spec.name, run_dir=cfg.run.dir, out_dir=work, inputs=inputs,
-                       config=spec.config_of(cfg), run=cfg, progress=progress)
+    ctx = stage_context(cfg, spec, out_dir=work, inputs=inputs, fingerprint=plan.fingerprint,
+                        upstream=plan.upstream, progress=progress, data_files=plan.data)
     cpus, gpus = cfg.cluster.resources_for(spec.name)
     resources = Resources(num_cpus=cpus, num_gpus=gpus)
     started = time.time()
@@ -268,7 +324,8 @@ def _execute(plan: StagePlan, cfg: RunConfig, executor: Executor,
         manifest = store.Manifest(
             stage=spec.name, version=spec.version, fingerprint=plan.fingerprint,
             config=plan.config, upstream=plan.upstream, outputs=store.describe_outputs(work),
-            metrics=metrics or {}, started_at=started, finished_at=time.time(),
+            metrics={**(metrics or {}), **({DATA_METRIC: plan.data} if plan.data else {})},
+            started_at=started, finished_at=time.time(),
             versions=_versions(),
         )
         store.write_manifest(work, manifest)
@@ -303,10 +360,13 @@ def run_pipeline(
     fully cached run finishes in seconds.
     """
     run_dir = cfg.run.dir
+    pipeline_specs(cfg)  # refuse a bad pipeline before anything is written
+    rundir.claim(run_dir, cfg.run.pipeline)
     with RunLock(run_dir), log_to_file(run_dir / "logs" / "run.log"):
+        rundir.sweep(run_dir, cfg.run.pipeline)
+        plans = plan_run(cfg, save_hashes=True)
         store.atomic_write_text(run_dir / CONFIG_FILE,
                                 yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        plans = plan_run(cfg)
         outcome = RunOutcome(plans=plans)
         executor: Executor | None = None
         inputs: dict[str, Path] = {}

@@ -1,7 +1,8 @@
 """Stage contract and registry.
 
 A stage is a plain function ``fn(ctx) -> metrics`` plus a :class:`StageSpec` that says
-what it needs (upstream stages, its config section) and how it is versioned. The
+what it needs (upstream stages, its config section), how it is versioned and what it
+costs (its ``estimate`` for ``recoup plan``). The
 function receives everything through its :class:`StageContext` (no globals), so the
 same function runs in-process or as a Ray task on another machine. It writes its files
 into ``ctx.out_dir``; the runner hashes them and writes the manifest afterwards.
@@ -10,17 +11,54 @@ into ``ctx.out_dir``; the runner hashes them and writes the manifest afterwards.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
 from recoup.orchestrator.registry import Registry
 from recoup.orchestrator.stage_logging import log_to_file
 
+if TYPE_CHECKING:
+    from recoup.cluster.config import ClusterConfig
+    from recoup.orchestrator.estimate import Estimate
+
 Metrics = dict[str, Any]
+DATA_DIR_ENV = "RECOUP_DATA_DIR"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The data folder, resolved only when called.
+
+    Data-free runs (a model given as is, evaluation without WikiText) must never require
+    the data folder, so the runner hands stages this resolver rather than a path. It is
+    picklable and resolves where it is called (a Ray worker sees its own environment).
+    """
+
+    #: ``run.data_dir`` when set; otherwise ``$RECOUP_DATA_DIR``, else ../shared/data
+    configured: Path | None = None
+
+    def __call__(self) -> Path:
+        """The data folder to read from; a clear error if none of the candidates exists."""
+        if self.configured is not None:
+            candidates = [self.configured]
+        elif os.environ.get(DATA_DIR_ENV):
+            candidates = [Path(os.environ[DATA_DIR_ENV])]
+        else:
+            candidates = [Path.cwd().parent / "shared" / "data",
+                          _REPO_ROOT.parent / "shared" / "data"]
+        for c in candidates:
+            if c.is_dir():
+                return c.resolve()
+        tried = ", ".join(str(c) for c in candidates)
+        raise FileNotFoundError(
+            f"no data directory found (looked in {tried}); set run.data_dir or ${DATA_DIR_ENV}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,9 +72,22 @@ class StageContext:
     inputs: Mapping[str, Path]
     #: this stage's own config section
     config: Any
-    #: the whole run config, for shared settings (device, data dir); read-only
+    #: this stage's fingerprint (what its manifest will carry), e.g. a cache or job key
+    fingerprint: str
+    #: upstream stage name -> its fingerprint, for the stages this one reads
+    upstream: Mapping[str, str]
+    #: torch device for model work ('cpu', 'cuda', ...): ``run.device``
+    device: str
+    #: lazy resolver of the data folder: call it only when data is actually read
+    data_dir: DataDir
+    #: where pools, task fan-outs and training groups run
+    cluster: ClusterConfig
+    #: the whole run config; DEPRECATED: being replaced by the fields above
     run: Any
     progress: bool = True
+    #: data file name as configured -> its sha256 ("absent" when missing), as in the
+    #: stage's fingerprint; a stage's own caches key on these, never on a name alone
+    data_files: Mapping[str, str] = field(default_factory=dict)
 
     def input(self, stage: str) -> Path:
         try:
@@ -78,6 +129,8 @@ class StageSpec:
     summarize: Callable[[Metrics], str] = field(default=lambda m: "")
     #: the table printed when this stage ends a run
     report: Callable[[Metrics], str] | None = None
+    #: its memory / disk / GPU estimate for ``recoup plan``; None: "no estimate"
+    estimate: Estimate | None = None
 
     def inputs_in(self, pipeline: tuple[str, ...]) -> tuple[str, ...]:
         """The upstream stages this stage reads in a given pipeline."""
@@ -101,8 +154,13 @@ def register_stage(
     resumable: bool = False,
     summarize: Callable[[Metrics], str] | None = None,
     report: Callable[[Metrics], str] | None = None,
+    estimate: Estimate | None = None,
 ) -> Callable[[StageFn], StageFn]:
-    """Register ``fn`` as stage ``name``; a second registration of a name is an error."""
+    """Register ``fn`` as stage ``name``; a second registration of a name is an error.
+
+    ``estimate`` is the stage's resource estimate for ``recoup plan``
+    (:mod:`recoup.orchestrator.estimate`), declared here beside the stage's code.
+    """
 
     def deco(fn: StageFn) -> StageFn:
         _REGISTRY.add(name, StageSpec(
@@ -115,6 +173,7 @@ def register_stage(
             resumable=resumable,
             summarize=summarize or (lambda m: ""),
             report=report,
+            estimate=estimate,
         ))
         return fn
 

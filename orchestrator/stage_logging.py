@@ -10,14 +10,22 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_console(level: int = logging.INFO) -> None:
+def configure_console(level: int = logging.INFO, *, verbose: bool = True) -> None:
+    """recoup's records at ``level`` and up go to the log files; the console shows them too
+    when ``verbose``, else only warnings and errors (the runner prints one line per stage
+    state itself, and the details are in ``RUN/logs/``)."""
     root = logging.getLogger("recoup")
     root.setLevel(level)
-    if not any(getattr(h, "_recoup_console", False) for h in root.handlers):
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        h._recoup_console = True  # type: ignore[attr-defined]
-        root.addHandler(h)
+    shown = level if verbose else max(level, logging.WARNING)
+    for h in root.handlers:
+        if getattr(h, "_recoup_console", False):
+            h.setLevel(shown)
+            return
+    h = logging.StreamHandler()
+    h.setLevel(shown)
+    h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    h._recoup_console = True  # type: ignore[attr-defined]
+    root.addHandler(h)
 
 
 @contextmanager

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,20 +51,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Write a file through a temporary sibling, so readers see the old file or the whole new one.
+
+    Yields a temporary path in ``path``'s folder (``.<name>.tmp-<pid>-<random>``: hidden,
+    and marked as temporary so it is never taken for an output), not yet created. The
+    caller writes the file there by any means (``open``, ``pyarrow.parquet.write_table``,
+    ``torch.save``, ...). On normal exit the file is fsynced, renamed over ``path`` and
+    the folder fsynced; on an exception the temporary is removed and ``path`` is left as
+    it was.
+
+    The one home of the temp-file / fsync / rename pattern: every writer of a file that a
+    crash must not leave half-written goes through here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_MARK)
+    # not created here: the writer creates it (with the process's usual permissions)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -159,20 +185,62 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Manifest:
+    def from_json(cls, obj: Any) -> Manifest:
+        """Parse a manifest, checking the shape of every field (a valid JSON file of the
+        wrong shape, e.g. ``"outputs": "x"``, is refused here with what is wrong, not left to
+        fail deep inside a reader) and its self-checksum (an edited metric or fingerprint
+        does not match, so a hand-edited manifest is never shown as a real result)."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(obj).__name__}")
+        for key, kinds in _MANIFEST_SCHEMA.items():
+            if key not in obj:
+                raise ValueError(f"field {key!r} is missing")
+            if not isinstance(obj[key], kinds) or isinstance(obj[key], bool):
+                raise ValueError(f"field {key!r} is a {type(obj[key]).__name__}, not "
+                                 f"{' or '.join(k.__name__ for k in kinds)}")
+        if CHECKSUM_KEY not in obj:
+            raise ValueError("it has no checksum (written by an older recoup, or edited)")
+        if obj[CHECKSUM_KEY] != manifest_checksum(obj):
+            raise ValueError("its checksum does not match its content (edited or damaged)")
+        outputs: dict[str, OutputFile] = {}
+        for k, v in obj["outputs"].items():
+            if not (isinstance(v, dict) and isinstance(v.get("size"), int)
+                    and not isinstance(v.get("size"), bool) and v["size"] >= 0
+                    and isinstance(v.get("sha256"), str)):
+                raise ValueError(f"output {k!r} is not {{size, sha256}}")
+            if Path(k).is_absolute() or ".." in Path(k).parts:
+                raise ValueError(f"output {k!r} is not a path inside the stage folder")
+            outputs[k] = OutputFile(size=v["size"], sha256=v["sha256"])
+        if not all(isinstance(v, str) for v in obj["upstream"].values()):
+            raise ValueError("field 'upstream' must map stage names to fingerprints")
         return cls(
             stage=obj["stage"],
-            version=int(obj["version"]),
+            version=obj["version"],
             fingerprint=obj["fingerprint"],
             config=obj["config"],
             upstream=dict(obj["upstream"]),
-            outputs={k: OutputFile(size=v["size"], sha256=v["sha256"])
-                     for k, v in obj["outputs"].items()},
-            metrics=obj.get("metrics", {}),
+            outputs=outputs,
+            metrics=obj["metrics"],
             started_at=float(obj["started_at"]),
             finished_at=float(obj["finished_at"]),
-            versions=obj.get("versions", {}),
+            versions=obj.get("versions", {}) if isinstance(obj.get("versions"), dict) else {},
         )
+
+
+#: the key of a manifest's own checksum: sha256 of the rest of it, canonical JSON
+CHECKSUM_KEY = "checksum"
+_MANIFEST_SCHEMA: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "version": (int,), "fingerprint": (str,), "config": (dict,),
+    "upstream": (dict,), "outputs": (dict,), "metrics": (dict,),
+    "started_at": (int, float), "finished_at": (int, float),
+}
+
+
+def manifest_checksum(obj: dict[str, Any]) -> str:
+    """sha256 over a manifest's content without its checksum (sorted keys, no spaces)."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=True).encode()).hexdigest()
 
 
 def describe_outputs(stage_dir: Path) -> dict[str, OutputFile]:
@@ -183,7 +251,11 @@ def describe_outputs(stage_dir: Path) -> dict[str, OutputFile]:
 
 
 def write_manifest(stage_dir: Path, manifest: Manifest) -> None:
-    atomic_write_json(stage_dir / MANIFEST, manifest.to_json())
+    obj = manifest.to_json()
+    # the checksum is of the JSON as it reads back (a float's repr round-trips exactly)
+    obj = json.loads(json.dumps(obj))
+    obj[CHECKSUM_KEY] = manifest_checksum(obj)
+    atomic_write_json(stage_dir / MANIFEST, obj)
 
 
 def read_manifest(stage_dir: Path) -> Manifest:
@@ -192,9 +264,15 @@ def read_manifest(stage_dir: Path) -> Manifest:
     if not path.exists():
         raise ManifestError(f"{path} does not exist")
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ManifestError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} is unreadable (not text)") from None
+    try:
+        return Manifest.from_json(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is unreadable (not JSON: {e})") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{path} is not a valid manifest: {e}") from e
 
 
 def verify_outputs(stage_dir: Path, manifest: Manifest, verify: Verify) -> None:

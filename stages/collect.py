@@ -8,16 +8,18 @@ Samples are cut into shards of ``samples_per_shard`` in ``triplets.parquet`` ord
 of workers (:func:`recoup.cluster.pool.run_shards`: Ray actors, or one in-process worker)
 loads both models once each and processes shards. A shard writes one Parquet file per layer
 through temporary names, then its marker; see :mod:`recoup.stages.lcc.activations` for the
-layout. The stage is resumable: a shard whose marker exists, carries this run's shard key
-*and* whose layer files still match the sizes and sha256 the marker recorded is kept,
-everything else in the folder is deleted and recomputed. The key hashes what
-changes the numbers (batching, padding, position, dtype, shard size, device kind, and the
-upstream stages' fingerprints), so a shard from another config is never mixed in, while a
-change of worker count reuses every finished shard.
+layout. The stage is resumable through :class:`recoup.orchestrator.shards.ShardSet`: a shard
+whose marker exists, carries this run's shard key *and* whose layer files still match the
+sizes and sha256 the marker recorded is kept, everything else in the folder is deleted and
+recomputed. The key hashes what changes the numbers (batching, padding, position, dtype,
+shard size, device kind, and the upstream stages' fingerprints), so a shard from another
+config is never mixed in, while a change of worker count reuses every finished shard.
 
-Over-long inputs: the data stage keeps only samples whose prompt + own response fit in
+Inputs are built by :func:`recoup.stages.model.tokenize.tokenize_pair`: q + r views end
+with EOS after the response (version 2; version 1 had no EOS, unlike training). Over-long
+inputs: the data stage keeps only samples whose prompt + own response fit in
 ``data.max_length`` tokens; q + r- (another sample's response) may not, and its response
-tail is cut to fit. The prompt is never cut.
+tail is cut to fit. The prompt is never cut: a prompt longer than ``max_length`` is an error.
 """
 
 from __future__ import annotations
@@ -37,11 +39,22 @@ from pydantic import Field
 
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
+from recoup.orchestrator.estimate import (
+    ITEMSIZE,
+    EstimateInputs,
+    ModelShape,
+    StageEstimate,
+    forward_working_bytes,
+    gpus_for,
+    placement_note,
+)
+from recoup.orchestrator.shards import ShardSet
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.stages import data as data_stage
 from recoup.stages.lcc import activations
 from recoup.stages.model import capture, modelio
-from recoup.stages.model.capture import PaddingSide, Position, TokenSeq
+from recoup.stages.model.capture import PaddingSide, Position
+from recoup.stages.model.tokenize import TokenSeq, tokenize_pair
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.text.triplets import Triplet, read_parquet
 
@@ -101,6 +114,14 @@ class CollectJob:
     def num_shards(self) -> int:
         return -(-self.num_samples // self.samples_per_shard)
 
+    def shard_set(self, layers: int) -> ShardSet:
+        """The shards of this job: one Parquet file per layer, and a marker."""
+        return ShardSet(
+            root=self.out_dir, key=self.key, num_shards=self.num_shards,
+            files_of=lambda shard: activations.layer_files(self.out_dir, shard, layers),
+            data_dirs=(activations.ACTS_DIR,), expect={"layers": layers}, name="collect",
+        )
+
     def shard_slice(self, shard: int) -> slice:
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
@@ -114,10 +135,17 @@ def activation_bytes_per_sample(card: modelio.ModelCard, dtype: str) -> int:
 
 
 def view_sequences(tokenizer: Any, t: Triplet, max_length: int) -> dict[str, TokenSeq]:
-    """The four model inputs of a triplet, in :data:`activations.VIEWS` order."""
-    q = data_stage.tokenize_sample(tokenizer, t.prompt, "", max_length)
-    pos = data_stage.tokenize_sample(tokenizer, t.prompt, t.positive, max_length)
-    neg = data_stage.tokenize_sample(tokenizer, t.prompt, t.negative, max_length)
+    """The four model inputs of a triplet, in :data:`activations.VIEWS` order.
+
+    The prompt is never cut (its last token is what the q views are read at): a prompt
+    longer than ``max_length`` is an error rather than a silently different sample.
+    """
+    q = tokenize_pair(tokenizer, t.prompt, "")
+    if len(q.ids) > max_length:
+        raise ValueError(f"sample {t.id}: the prompt has {len(q.ids)} tokens, more than the "
+                         f"maximum length {max_length}")
+    pos = tokenize_pair(tokenizer, t.prompt, t.positive, max_length)
+    neg = tokenize_pair(tokenizer, t.prompt, t.negative, max_length)
     return {"dense_q": q, "dense_pos": pos, "dense_neg": neg, "degraded_q": q}
 
 
@@ -191,12 +219,10 @@ class CollectWorker:
             if layer == 0:
                 self._maybe_crash()
         layers = int(acts.shape[0])
-        info = {"key": job.key, "shard": shard, "samples": len(rows), "rows": len(ids),
+        info = {"shard": shard, "samples": len(rows), "rows": len(ids),
                 "layers": layers, "first_id": rows[0].id, "last_id": rows[-1].id,
-                activations.FILES_KEY: activations.file_records(job.out_dir, shard, layers),
                 **counts, "started": started, "finished": time.time()}
-        activations.mark_shard_done(job.out_dir, shard, info)
-        return info
+        return job.shard_set(layers).mark_done(shard, info)
 
     def _maybe_crash(self) -> None:
         if self.job.crash_file is None:
@@ -219,26 +245,6 @@ def shard_key(cfg: CollectConfig, *, device: str, upstream: Mapping[str, str]) -
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_marker(root: Path, shard: int) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(activations.marker_file(root, shard).read_text()))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _stale_reason(job: CollectJob, shard: int, layers: int,
-                  marker: dict[str, Any] | None) -> str | None:
-    """Why a marked shard does not belong to this job (a normal sight after a config
-    change), or None when it does."""
-    if shard >= job.num_shards:
-        return f"it is beyond the {job.num_shards} shards of this run"
-    if marker is None:
-        return f"{activations.marker_file(job.out_dir, shard)} is unreadable"
-    if marker.get("key") != job.key or marker.get("layers") != layers:
-        return "it was computed for another config"
-    return None
-
-
 def reusable_shards(job: CollectJob, layers: int) -> set[int]:
     """Finished shards of this job; every other file in the folder is deleted.
 
@@ -246,36 +252,9 @@ def reusable_shards(job: CollectJob, layers: int) -> set[int]:
     the size and sha256 the marker recorded. The runner re-runs collect when it finds an
     output that disagrees with the manifest, keeping the folder (the stage is resumable):
     the checksums make that re-run recompute the damaged shard instead of reusing it, and
-    the log names the bad file. Files of other shards (unmarked: a killed writer; other
-    key: another config; beyond the shard count: a larger earlier run) go, so the finished
-    folder holds this run's data only.
+    the log names the bad file.
     """
-    root = job.out_dir
-    keep = set()
-    for shard in sorted(activations.done_shards(root)):
-        marker = _read_marker(root, shard)
-        stale = _stale_reason(job, shard, layers, marker)
-        if stale is not None:
-            log.info("collect: not reusing shard %d: %s", shard, stale)
-            continue
-        assert marker is not None
-        damage = activations.shard_problem(root, shard, marker, layers)
-        if damage is not None:
-            log.warning("collect: recomputing shard %d: %s", shard, damage)
-            continue
-        keep.add(shard)
-    wanted = {activations.marker_file(root, s) for s in keep}
-    wanted |= {activations.shard_file(root, layer, s) for s in keep for layer in range(layers)}
-    for sub in (activations.SHARDS_DIR, activations.ACTS_DIR):
-        folder = root / sub
-        if not folder.is_dir():
-            continue
-        for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
-            if p.is_file() and p not in wanted:
-                p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-    return keep
+    return job.shard_set(layers).reusable(log)
 
 
 def describe_bytes(n: float) -> str:
@@ -329,8 +308,54 @@ def _summary(m: Metrics) -> str:
             f"{m['tokens_per_s']:.0f} tok/s")
 
 
-@register_stage(name="collect", version=1, requires=("prepare", "degrade", "data"),
-                resumable=True, summarize=_summary)
+# version 2: q + r views end with EOS (one tokenisation rule with training)
+def collect_parts(shape: ModelShape, batch_size: int, max_length: int) -> dict[str, int]:
+    """Device bytes of one collect worker: both models, and a batch's forward working set
+    at ``data.max_length`` tokens (no KV cache, no logits: the decoder runs alone)."""
+    return {
+        "dense + degraded weights": 2 * shape.weights_bytes,
+        "forward working set (batch x max_length)": forward_working_bytes(
+            shape.card, batch_size * max_length, shape.itemsize),
+    }
+
+
+def estimate_collect(inp: EstimateInputs) -> StageEstimate:
+    """Per worker: both models resident and one batch's forward (:func:`collect_parts`);
+    on disk the views of every sample (:func:`activation_bytes_per_sample`)."""
+    from recoup.cluster.placement import worker_group
+
+    c: CollectConfig = inp.config
+    data = inp.sections["data"]
+    shape, hw = inp.shape, inp.hardware
+    parts = collect_parts(shape, c.batch_size, data.max_length)
+    dev = sum(parts.values())
+    need = gpus_for(dev, hw.usable)
+    per_sample = activation_bytes_per_sample(shape.card, c.dtype)
+    n = data.source.num_samples
+    notes = [f"activations on disk: {per_sample / 1e6:.2f} MB per sample "
+             f"({shape.card.layers} layers x {shape.card.heads} heads x {shape.card.d_head} "
+             f"x {len(activations.VIEWS)} views x {ITEMSIZE[c.dtype]} B)"]
+    if n is None:
+        notes.append("data.source.num_samples is unset (all records): disk total unknown")
+    fits = c.num_gpus_per_worker >= need or not inp.on_gpu
+    if c.num_gpus_per_worker < need and inp.on_gpu:
+        notes.append(f"needs {need} GPUs per worker (both models resident): set "
+                     f"collect.num_gpus_per_worker={need}")
+    gpw = max(c.num_gpus_per_worker, float(need))
+    note = placement_note(hw, worker_group(c.workers, gpus=gpw,
+                                           cpus=c.num_cpus_per_worker or 1.0))
+    if note:
+        notes.append(note)
+        fits = False
+    return StageEstimate(stage=inp.stage, workers=c.workers, device_bytes=dev,
+                         host_bytes=shape.weights_bytes,
+                         disk_bytes=None if n is None else n * per_sample,
+                         gpus_config=c.workers * c.num_gpus_per_worker, gpus_min=need,
+                         fits=fits, parts=parts, notes=tuple(notes))
+
+
+@register_stage(name="collect", version=2, requires=("prepare", "degrade", "data"),
+                resumable=True, summarize=_summary, estimate=estimate_collect)
 def collect(ctx: StageContext) -> Metrics:
     cfg: CollectConfig = ctx.config
     prepared, data_dir = ctx.input("prepare"), ctx.input("data")
@@ -338,16 +363,15 @@ def collect(ctx: StageContext) -> Metrics:
     info = data_stage.read_info(data_dir)
     if not info["triplets"]:
         raise ValueError("collect needs the data stage's triplets; set data.triplets: true")
-    upstream = {name: store.read_manifest(ctx.input(name)).fingerprint
-                for name in ("prepare", "degrade", "data")}
+    upstream = {name: ctx.upstream[name] for name in ("prepare", "degrade", "data")}
     job = CollectJob(
         dense_dir=prepared / MODEL_DIR, degraded_dir=ctx.input("degrade") / MODEL_DIR,
         model_dtype=card.dtype, triplets_path=data_dir / data_stage.TRIPLETS,
         out_dir=ctx.out_dir, num_samples=int(info["samples"]),
         samples_per_shard=cfg.samples_per_shard, max_length=int(info["max_length"]),
         batch_size=cfg.batch_size, act_dtype=cfg.dtype, position=cfg.position,
-        padding_side=cfg.padding_side, device=ctx.run.run.device,
-        num_gpus_per_worker=cfg.gpus_on(ctx.run.cluster),
-        key=shard_key(cfg, device=ctx.run.run.device, upstream=upstream),
+        padding_side=cfg.padding_side, device=ctx.device,
+        num_gpus_per_worker=cfg.gpus_on(ctx.cluster),
+        key=shard_key(cfg, device=ctx.device, upstream=upstream),
     )
-    return run_collect(job, cfg, ctx.run.cluster, card=card, progress=ctx.progress)
+    return run_collect(job, cfg, ctx.cluster, card=card, progress=ctx.progress)

@@ -3,8 +3,9 @@
 Samples come from a registered data source (:mod:`recoup.stages.text.datasources`: Alpaca, any
 jsonl with prompt/response fields, plain text, a Hugging Face dataset). Lengths are counted
 in tokens of the run's dense model, with the rule every later stage uses
-(:func:`tokenize_sample`): the prompt tokenized with the tokenizer's special tokens, the
-response without, concatenated, so the prompt/response boundary is exact.
+(:func:`recoup.stages.model.tokenize.tokenize_pair`): the prompt tokenized with the
+tokenizer's special tokens, the response without and followed by EOS, concatenated, so the
+prompt/response boundary is exact and a kept sample reaches training whole, EOS included.
 
 Over-long samples are *skipped*, not truncated: a cut prompt loses its last token (the one
 the probe looks at) and a cut response teaches the model to stop mid-sentence. Skipping
@@ -30,11 +31,12 @@ from typing import Any
 from pydantic import Field
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import EstimateInputs, StageEstimate
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
 from recoup.stages.compress.calibration import resolve_source_paths
 from recoup.stages.model import modelio
-from recoup.stages.model.capture import TokenSeq, join_prompt_response
+from recoup.stages.model.tokenize import pair_ids
 from recoup.stages.prepare import MODEL_DIR
 from recoup.stages.text import triplets as mining
 from recoup.stages.text.datasources import (
@@ -76,34 +78,14 @@ class DataConfig(StrictModel):
     )
 
 
-def token_ids(tokenizer: Any, texts: Sequence[str], *, special: bool) -> list[list[int]]:
-    """Token ids of each text; ``special``: with the tokenizer's BOS/EOS conventions."""
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
-
-
-def tokenize_sample(tokenizer: Any, prompt: str, response: str,
-                    max_length: int | None = None) -> TokenSeq:
-    """The model input of ``prompt + response``; the response's tail is cut to ``max_length``.
-
-    The prompt is tokenized with special tokens (BOS where the tokenizer adds one), the
-    response without, and the two are concatenated, so the prompt's tokens are the same
-    whatever response follows.
-    """
-    (p,) = token_ids(tokenizer, [prompt], special=True)
-    r = token_ids(tokenizer, [response], special=False)[0] if response else []
-    return join_prompt_response(p, r, max_length)
-
-
 def fit_samples(samples: Sequence[Sample], tokenizer: Any, max_length: int,
                 ) -> tuple[list[Sample], list[int]]:
-    """The samples whose prompt + response fit in ``max_length`` tokens, and their lengths."""
-    prompts = token_ids(tokenizer, [s.prompt for s in samples], special=True)
-    responses = token_ids(tokenizer, [s.response for s in samples], special=False)
+    """The samples whose prompt + response (+ EOS) fit in ``max_length`` tokens, and their
+    lengths: the samples :func:`~recoup.stages.model.tokenize.tokenize_pair` never cuts."""
+    encoded = pair_ids(tokenizer, [s.prompt for s in samples], [s.response for s in samples])
     kept: list[Sample] = []
     lengths: list[int] = []
-    for s, p, r in zip(samples, prompts, responses, strict=True):
+    for s, (p, r) in zip(samples, encoded, strict=True):
         if p and len(p) + len(r) <= max_length:
             kept.append(s)
             lengths.append(len(p) + len(r))
@@ -149,12 +131,21 @@ def _summary(m: Metrics) -> str:
     return text
 
 
-@register_stage(name="data", version=1, requires=("prepare",), optional=("synthesize",),
-                summarize=_summary)
+# version 2: lengths count the EOS after the response (one tokenisation rule with training)
+def estimate_data(inp: EstimateInputs) -> StageEstimate:
+    """CPU only: the tokenizer and the MiniLM encoder; neither depends on the model."""
+    return StageEstimate(stage=inp.stage, workers=1, device_bytes=None, host_bytes=None,
+                         disk_bytes=None, gpus_config=inp.task_resources[1], gpus_min=0,
+                         fits=True, notes=("CPU: tokenizer and the MiniLM encoder; its size "
+                                           "does not depend on the model",))
+
+
+@register_stage(name="data", version=2, requires=("prepare",), optional=("synthesize",),
+                summarize=_summary, estimate=estimate_data)
 def data(ctx: StageContext) -> Metrics:
     cfg: DataConfig = ctx.config
     tokenizer = modelio.load_tokenizer(ctx.input("prepare") / MODEL_DIR)
-    samples, stats = select_samples(cfg, tokenizer, ctx.run.run.resolved_data_dir,
+    samples, stats = select_samples(cfg, tokenizer, ctx.data_dir,
                                     synthesized=ctx.inputs.get("synthesize"))
     ctx.log.info("%d samples from the %s source (%d of %d skipped as longer than %d tokens)",
                  len(samples), cfg.source.source, stats["skipped_too_long"],
@@ -168,7 +159,7 @@ def data(ctx: StageContext) -> Metrics:
                 "source gives plain text without responses; set data.triplets: false"
             )
         encoder = mining.MiniLMEncoder(cfg.encoder_dir, batch_size=cfg.encoder_batch_size,
-                                         device=ctx.run.run.device)
+                                         device=ctx.device)
         rows = mining.build_triplets(samples, encoder)
         mining.write_parquet(rows, ctx.out_dir / TRIPLETS)
         metrics["triplets"] = len(rows)

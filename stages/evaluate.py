@@ -3,15 +3,19 @@
 The models are the dense one (prepare), the degraded one (degrade) and, when ``export``
 is in the pipeline, the recovered one. Three measurements each:
 
-- perplexity on WikiText-2 test windows (:mod:`recoup.stages.model.lm_metrics`, the pruning
-  papers' protocol) and the mean token KL(dense || model) on the same windows. The models
-  run window by window beside the dense one, so the dense logits the KL needs are never
-  stored: memory is two models plus one batch of logits;
+- perplexity on WikiText-2 test windows (:mod:`recoup.stages.scoring.wikitext`, the pruning
+  papers' protocol; ``window_start`` moves the range past windows that tuning saw) and the
+  mean token KL(dense || model) on the same windows. The models run window by window
+  beside the dense one, so the dense logits the KL needs are never stored: memory is two
+  models plus one batch of logits;
 - zero-shot multiple-choice accuracy (``acc``, ``acc_norm``) on the commonsense tasks,
-  scored by lm-evaluation-harness (:mod:`recoup.stages.scoring.zeroshot`). Each model's documents
-  are cut into ``zeroshot.shards`` shards that run as Ray tasks
-  (:func:`recoup.cluster.tasks.map_layers`; serially in-process without Ray), each
+  scored by lm-evaluation-harness (:mod:`recoup.stages.scoring.zeroshot`). Each model's
+  documents are cut into ``zeroshot.shards`` shards that run as Ray tasks
+  (:mod:`recoup.stages.scoring.zeroshot_worker` through
+  :func:`recoup.cluster.tasks.map_layers`; serially in-process without Ray), each
   loading the model once.
+
+The printed "gap closed" is :mod:`recoup.stages.scoring.gap`'s, the report's too.
 
 Cache: every result is stored under ``RUN/.cache/evaluate/<model key>/``, where the model
 key is the sha256 of the model's files as its stage manifest records them, and each file
@@ -28,26 +32,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from recoup.orchestrator import store
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import (
+    FP32,
+    EstimateInputs,
+    ModelShape,
+    StageEstimate,
+    forward_working_bytes,
+    gb,
+    gpus_for,
+)
+from recoup.orchestrator.rundir import check_text_file, resolve_data_file
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
 from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.scoring import zeroshot
+from recoup.stages.scoring.cache import read_checked, write_checked
+from recoup.stages.scoring.gap import metric_gap_closed
+from recoup.stages.scoring.sparsity import linear_sparsity
+from recoup.stages.scoring.wikitext import evaluate_models, window_range
 from recoup.stages.scoring.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
+from recoup.stages.scoring.zeroshot_worker import ShardJob, zeroshot_shard
 
 RESULTS = "results.json"
 #: Table order: the references first, then what recovery produced.
@@ -56,8 +72,10 @@ MODEL_ORDER = ("dense", "degraded", "recovered")
 MODEL_STAGES = {"dense": "prepare", "degraded": "degrade", "recovered": "export"}
 CACHE_DIR = Path(".cache") / "evaluate"
 #: Bump when a cached result's meaning changes, to ignore older entries.
-WIKITEXT_CACHE_VERSION = 1
-ZEROSHOT_CACHE_VERSION = 1
+WIKITEXT_CACHE_VERSION = 2
+ZEROSHOT_CACHE_VERSION = 2
+#: the driver's bar of zero-shot documents (recoup.cluster.progress)
+ZEROSHOT_BAR = "evaluate:zero-shot"
 
 
 class ZeroShotConfig(StrictModel):
@@ -96,48 +114,21 @@ class EvaluateConfig(StrictModel):
         "wikitext2/wiki.test.raw", description="WikiText-2 test file, relative to the data dir."
     )
     seq_len: int = Field(512, ge=8, description="Tokens per perplexity window.")
+    window_start: int = Field(
+        0, ge=0,
+        description="First window evaluated, in the same non-overlapping cut of the test "
+        "set: windows [window_start, window_start + max_windows) are scored for perplexity "
+        "and KL. 0 is the papers' protocol; a later start scores windows that tuning (e.g. "
+        "select's KL calibration on the first windows) never saw.",
+    )
     max_windows: int | None = Field(
-        16, ge=1, description="Windows evaluated (from the start); unset: the whole test set."
+        16, ge=1,
+        description="Windows evaluated (from window_start); unset: the rest of the test set.",
     )
     batch_size: int = Field(2, ge=1, description="Windows per forward pass.")
     zeroshot: ZeroShotConfig = Field(
         ZeroShotConfig(), description="Zero-shot accuracy on multiple-choice tasks."
     )
-
-
-# --------------------------------------------------------------------------- the math
-
-
-def evaluate_models(models: dict[str, Any], dense: Any, ids: torch.Tensor, batch_size: int,
-                    device: torch.device, progress: bool) -> dict[str, dict[str, float]]:
-    """Perplexity of each model and mean token KL(dense || model) on windows ``ids`` (W, T)."""
-    nll = dict.fromkeys(models, 0.0)
-    kl = dict.fromkeys(models, 0.0)
-    n_pred = n_kl = 0
-    bar = tqdm(range(0, ids.shape[0], batch_size), desc="evaluate", disable=not progress,
-               unit="batch")
-    with torch.inference_mode():
-        for start in bar:
-            batch = ids[start:start + batch_size].to(device)  # (B, T)
-            ref = dense(batch).logits
-            for name, model in models.items():
-                logits = ref if model is dense else model(batch).logits
-                nll[name] += float(lm_metrics.token_nll(logits, batch).double().sum())
-                kl[name] += float(lm_metrics.token_kl(ref, logits).double().sum())
-            n_pred += batch.shape[0] * (batch.shape[1] - 1)
-            n_kl += batch.numel()
-    return {
-        name: {"ppl": lm_metrics.perplexity(nll[name], n_pred), "kl_to_dense": kl[name] / n_kl}
-        for name in models
-    }
-
-
-def gap_closed(models: dict[str, dict[str, float]], metric: str) -> float:
-    """Fraction of the dense-vs-degraded gap that recovery closed (1 = back to dense)."""
-    dense, degraded = models["dense"][metric], models["degraded"][metric]
-    if degraded == dense:
-        return 0.0
-    return (degraded - models["recovered"][metric]) / (degraded - dense)
 
 
 # --------------------------------------------------------------------------- models, cache
@@ -170,80 +161,31 @@ def _hash(obj: Any, n: int = 16) -> str:
 
 
 def _read_json(path: Path) -> Any | None:
-    """A cached result, or None when absent (a torn file cannot exist: writes are atomic)."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A cached result; None when absent or bad (dropped with a warning naming it, and
+    recomputed: entries carry their checksum, :mod:`recoup.stages.scoring.cache`)."""
+    return read_checked(path)
 
 
-def linear_sparsity(folder: Path) -> dict[str, float]:
-    """Fraction of exact zeros in the decoder blocks' linear weights (the matrices recoup
-    degrades: 2-D tensors under ``model.layers.``), read from the safetensors files."""
-    from safetensors import safe_open
-
-    zeros = total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if ".layers." not in name or len(f.get_slice(name).get_shape()) != 2:
-                    continue
-                w = f.get_tensor(name)
-                zeros += int((w == 0).sum())
-                total += w.numel()
-    if total == 0:
-        raise ValueError(f"{folder}: no decoder linear weights found in its safetensors files")
-    return {"linear_sparsity": zeros / total, "linear_params": total}
+def data_sha(ctx: StageContext, name: str | None) -> str | None:
+    """sha256 of a data file the stage reads: from the runner's digests (cached by size and
+    mtime) or, for a stage called directly, hashed here. Cache keys carry it, so changed
+    data is never answered from the cache."""
+    if name is None:
+        return None
+    known = ctx.data_files.get(name)
+    if known is not None:
+        return known
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else ctx.data_dir() / path
+    return store.sha256_file(path) if path.is_file() else "absent"
 
 
 # --------------------------------------------------------------------------- zero-shot
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShardJob:
-    """One task's share of documents for one model; the worker writes ``out``."""
-
-    spec: TaskSpec
-    indices: tuple[int, ...]
-    out: Path
-
-
-@contextmanager
-def _quiet_bars(progress: bool):  # noqa: ANN202 - a context manager
-    """lm-eval draws its own tqdm bars; ``TQDM_DISABLE`` silences them when asked."""
-    if progress:
-        yield
-        return
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
-
-
-def zeroshot_shard(model_dir: Path, dtype: str, device: str, data_dir: Path,
-                   jobs: Sequence[ShardJob], batch_size: int, progress: bool) -> int:
-    """Load one model and score each job's documents with lm-eval; runs as a Ray task.
-
-    Each job's per-document scores are written to ``job.out`` atomically as soon as they
-    exist, so a killed evaluation keeps what finished. Returns the documents scored.
-    """
-    with _quiet_bars(progress):
-        model = modelio.load_model(model_dir, modelio.DTYPES[dtype], device)
-        tokenizer = modelio.load_tokenizer(model_dir)
-        lm = zeroshot.make_lm(model, tokenizer, batch_size)
-        scored = 0
-        for job in jobs:
-            docs = zeroshot.load_docs(job.spec, data_dir)
-            scores = zeroshot.score_task(lm, job.spec, docs, job.indices, data_dir)
-            atomic_write_json(job.out, [s.to_json() for s in scores])
-            scored += len(scores)
-    return scored
-
-
-def _zeroshot_dir(cache: Path, ref: ModelRef, spec: TaskSpec, limit: int | None) -> Path:
-    key = _hash({"task": spec.model_dump(mode="json"), "limit": limit,
+def _zeroshot_dir(cache: Path, ref: ModelRef, spec: TaskSpec, limit: int | None,
+                  data: dict[str, str | None] | None = None) -> Path:
+    key = _hash({"task": spec.model_dump(mode="json"), "limit": limit, "data": data,
                  "lm_eval": zeroshot.lm_eval_version(), "version": ZEROSHOT_CACHE_VERSION})
     return cache / ref.key / f"zeroshot-{spec.name}-{key}"
 
@@ -253,38 +195,49 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
     """Per model: ``{task: summary}``; and per model how many shard files were computed
     and how many came from the cache."""
     cfg: ZeroShotConfig = ctx.config.zeroshot
-    data_dir = ctx.run.run.resolved_data_dir()
+    data_dir = ctx.data_dir()
     plan: dict[str, dict[str, list[Path]]] = {r.name: {} for r in refs}
     items: list[tuple[Any, ...]] = []
     counts = {r.name: {"computed": 0, "cached": 0} for r in refs}
+    for spec in cfg.tasks:
+        for name in (spec.path, spec.labels):
+            if name is not None and (path := resolve_data_file(name, data_dir)) is not None:
+                check_text_file(path, f"evaluate.zeroshot task {spec.name!r}")
     n_docs = {spec.name: len(zeroshot.load_docs(spec, data_dir)) for spec in cfg.tasks}
     for ref in refs:
         per_shard: list[list[ShardJob]] = [[] for _ in range(cfg.shards)]
         for spec in cfg.tasks:
             chosen = zeroshot.selected_indices(n_docs[spec.name], cfg.limit)
-            folder = _zeroshot_dir(cache, ref, spec, cfg.limit)
+            folder = _zeroshot_dir(cache, ref, spec, cfg.limit, data={
+                "path": data_sha(ctx, spec.path), "labels": data_sha(ctx, spec.labels)})
             files = plan[ref.name].setdefault(spec.name, [])
             for i in range(cfg.shards):
                 out = folder / f"shard-{i:03d}-of-{cfg.shards:03d}.json"
                 files.append(out)
                 indices = tuple(zeroshot.shard_indices(chosen, i, cfg.shards))
-                if out.is_file():
+                if _read_json(out) is not None:
                     counts[ref.name]["cached"] += 1
                 elif indices:
                     per_shard[i].append(ShardJob(spec=spec, indices=indices, out=out))
                     counts[ref.name]["computed"] += 1
                 else:  # more shards than documents: an empty shard
-                    atomic_write_json(out, [])
-        items += [(ref.folder, dtype, ctx.run.run.device, data_dir, jobs, cfg.batch_size,
-                   ctx.progress) for jobs in per_shard if jobs]
+                    write_checked(out, [])
+        items += [(ref.folder, dtype, ctx.device, data_dir, jobs, cfg.batch_size,
+                   ctx.progress, ZEROSHOT_BAR) for jobs in per_shard if jobs]
     if items:
+        from recoup.cluster import progress
         from recoup.cluster.tasks import map_layers
+
+        if ctx.progress:  # one bar of documents, fed by every shard task
+            docs = sum(len(job.indices) for item in items for job in item[4])
+            progress.open_shared(ZEROSHOT_BAR, total=docs, desc="zero-shot", unit="doc")
 
         ctx.log.info("zero-shot: %d shard tasks for %s", len(items),
                      ", ".join(r.name for r in refs if counts[r.name]["computed"]))
-        map_layers(zeroshot_shard, items, ctx.run.cluster,
+        map_layers(zeroshot_shard, items, ctx.cluster,
                    num_cpus_per_task=cfg.cpus_per_shard, max_parallel=cfg.workers,
-                   desc="zero-shot", progress=ctx.progress)
+                   desc="zero-shot", progress=False)
+        progress.close_shared(ZEROSHOT_BAR)
     results: dict[str, dict[str, Any]] = {}
     for ref in refs:
         results[ref.name] = {}
@@ -304,26 +257,30 @@ def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
     cfg: EvaluateConfig = ctx.config
     dense_ref = next(r for r in refs if r.name == "dense")
     wkey = _hash({"wikitext": cfg.wikitext, "seq_len": cfg.seq_len,
-                  "max_windows": cfg.max_windows, "version": WIKITEXT_CACHE_VERSION})
+                  "window_start": cfg.window_start, "max_windows": cfg.max_windows,
+                  "data": data_sha(ctx, cfg.wikitext), "version": WIKITEXT_CACHE_VERSION})
     paths = {r.name: cache / r.key / f"wikitext-{wkey}-kl-{dense_ref.key[:16]}.json"
              for r in refs}
     cached = {r.name: _read_json(paths[r.name]) for r in refs}
     todo = [r for r in refs if cached[r.name] is None]
     state = {r.name: ("computed" if cached[r.name] is None else "cached") for r in refs}
     if todo:
-        device = torch.device(ctx.run.run.device)
+        device = torch.device(ctx.device)
         torch_dtype = modelio.DTYPES[dtype]
-        text = lm_metrics.read_wikitext(ctx.run.run.resolved_data_dir() / cfg.wikitext)
+        wikitext = resolve_data_file(cfg.wikitext, ctx.data_dir())
+        assert wikitext is not None
+        check_text_file(wikitext, "evaluate.wikitext")
+        text = lm_metrics.read_wikitext(wikitext)
         tokenizer = modelio.load_tokenizer(dense_ref.folder)
         ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        wins = lm_metrics.windows(ids, cfg.seq_len, cfg.max_windows)  # (W, seq_len)
+        wins = window_range(ids, cfg.seq_len, cfg.window_start, cfg.max_windows)  # (W, seq_len)
         dense = modelio.load_model(dense_ref.folder, torch_dtype, str(device))
         models = {r.name: dense if r is dense_ref
                   else modelio.load_model(r.folder, torch_dtype, str(device)) for r in todo}
         fresh = evaluate_models(models, dense, wins, cfg.batch_size, device, ctx.progress)
         for name, res in fresh.items():
             cached[name] = {**res, "windows": int(wins.shape[0])}
-            atomic_write_json(paths[name], cached[name])
+            write_checked(paths[name], cached[name])
     windows = int(cached["dense"]["windows"])
     return ({n: {"ppl": c["ppl"], "kl_to_dense": c["kl_to_dense"]} for n, c in cached.items()},
             state, windows)
@@ -345,11 +302,19 @@ def _sorted_models(names: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda k: (MODEL_ORDER.index(k) if k in MODEL_ORDER else 99, k))
 
 
+def _gap(models: dict[str, dict[str, float]], metric: str) -> str:
+    """The share of the gap closed on ``metric`` (:mod:`recoup.stages.scoring.gap`)."""
+    share = metric_gap_closed(metric, *(models[k][metric] for k in MODEL_ORDER))
+    return "—" if share is None else f"{share:.1%}"
+
+
 def format_table(m: Metrics) -> str:
     """The table printed at the end of a run: one row per model."""
     models = m["models"]
     tasks = m.get("zeroshot_tasks", [])
-    head = f"WikiText-2 ({m['windows']} windows x {m['seq_len']} tokens)"
+    start = m.get("window_start", 0)
+    head = (f"WikiText-2 ({m['windows']} windows x {m['seq_len']} tokens"
+            + (f", from window {start}" if start else "") + ")")
     if tasks:
         limit = m.get("zeroshot_limit")
         head += (f"; zero-shot acc (lm-eval, "
@@ -369,11 +334,11 @@ def format_table(m: Metrics) -> str:
         lines.append(f"{name:<12} " + " ".join(cells))
     if "recovered" in models:
         lines.append("")
-        gap = (f"gap closed: perplexity {gap_closed(models, 'ppl'):.1%}, "
-               f"KL {gap_closed(models, 'kl_to_dense'):.1%}")
+        gap = (f"gap closed: log-perplexity {_gap(models, 'ppl')}, "
+               f"KL {_gap(models, 'kl_to_dense')}")
         if tasks:
             avg = {k: v["zeroshot_avg"] for k, v in models.items()}
-            gap += f", avg acc {gap_closed(avg, 'acc'):.1%}"
+            gap += f", avg acc {_gap(avg, 'acc')}"
         lines.append(gap)
     return head + "\n" + "\n".join(lines)
 
@@ -389,8 +354,47 @@ def _summary(m: Metrics) -> str:
     return ", ".join(parts)
 
 
-@register_stage(name="evaluate", version=2, requires=("prepare", "degrade"),
-                optional=("export",), summarize=_summary, report=format_table)
+def evaluate_parts(shape: ModelShape, cfg: EvaluateConfig, models: int) -> dict[str, int]:
+    """Device bytes of evaluate: every compared model resident, KV cache, two logits."""
+    card, item = shape.card, shape.itemsize
+    tokens = cfg.batch_size * cfg.seq_len
+    return {
+        f"{models} models (dense, degraded{', recovered' if models == 3 else ''})":
+            models * shape.weights_bytes,
+        "KV cache of a batch": 2 * card.layers * tokens * card.kv_heads * card.d_head * item,
+        "forward working set": forward_working_bytes(card, tokens, item),
+        "logits of dense and model, float32 log-softmax of both": tokens * card.vocab * (
+            2 * item + 2 * FP32),
+    }
+
+
+def estimate_evaluate(inp: EstimateInputs) -> StageEstimate:
+    """Device: the compared models together on one device (:func:`evaluate_parts`)."""
+    cfg: EvaluateConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    _, gpus = inp.task_resources
+    parts = evaluate_parts(shape, cfg, 3 if "export" in inp.pipeline else 2)
+    dev = sum(parts.values())
+    fits = dev <= hw.usable
+    notes = []
+    if not fits:
+        notes.append(f"needs {gpus_for(dev, hw.usable)} GPUs' memory, but evaluate runs all "
+                     "models on one device (model parallelism or one model at a time needed)")
+    if gpus < 1 and inp.device != "cpu":
+        notes.append("set cluster.stages.evaluate.gpus=1 (its task asks for no GPU)")
+    zs = cfg.zeroshot
+    if zs.tasks:
+        notes.append(f"zero-shot: {zs.shards} shard tasks per model, each loading one model "
+                     f"({gb(shape.weights_bytes)})")
+    return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev,
+                         host_bytes=shape.weights_bytes, disk_bytes=None, gpus_config=gpus,
+                         gpus_min=1 if fits else None, fits=fits, parts=parts,
+                         notes=tuple(notes))
+
+
+@register_stage(name="evaluate", version=3, requires=("prepare", "degrade"),
+                optional=("export",), summarize=_summary, report=format_table,
+                estimate=estimate_evaluate)
 def evaluate(ctx: StageContext) -> Metrics:
     cfg: EvaluateConfig = ctx.config
     prepared = ctx.input("prepare")
@@ -408,7 +412,7 @@ def evaluate(ctx: StageContext) -> Metrics:
         facts = _read_json(facts_path)
         if facts is None:
             facts = linear_sparsity(ref.folder)
-            atomic_write_json(facts_path, facts)
+            write_checked(facts_path, facts)
         models[ref.name]["linear_sparsity"] = facts["linear_sparsity"]
     report: dict[str, dict[str, Any]] = {r.name: {} for r in refs}
 
@@ -429,7 +433,8 @@ def evaluate(ctx: StageContext) -> Metrics:
         report[name]["wikitext"] = wiki_state[name]
 
     results: Metrics = {
-        "windows": n_windows, "seq_len": cfg.seq_len, "models": models,
+        "windows": n_windows, "window_start": cfg.window_start, "seq_len": cfg.seq_len,
+        "models": models,
         "zeroshot_tasks": [t.name for t in cfg.zeroshot.tasks],
         "zeroshot_limit": cfg.zeroshot.limit,
     }

@@ -1,6 +1,6 @@
 """select: score every (layer, head) and choose the heads to compensate.
 
-The selectors of :mod:`recoup.stages.lcc.lcc_math` (``probe``, the paper's contrastive probe;
+The selectors of :mod:`recoup.stages.lcc.selectors` (``probe``, the paper's contrastive probe;
 ``mse``, ``random``, ``all`` for ablations) score one layer from that layer's activations
 and SVD alone, so they run as one Ray task per layer
 (:func:`recoup.cluster.tasks.map_layers`) and give the same scores for any number of
@@ -24,38 +24,115 @@ heat map with the chosen heads outlined.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from recoup.cluster.tasks import map_layers
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import (
+    EstimateInputs,
+    StageEstimate,
+    layer_task_host_bytes,
+    layer_tasks_estimate,
+)
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
-from recoup.orchestrator.store import atomic_write_json
 from recoup.stages.compress.calibration import CalibrationConfig, calibration_ids
 from recoup.stages.document import heatmap
-from recoup.stages.lcc import activations, lcc_math
-from recoup.stages.lcc.lcc_math import HeadId, HeadScores, LayerInputs, SelectorConfig
-from recoup.stages.model import lm_metrics, modelio
+from recoup.stages.lcc import activations
+from recoup.stages.lcc.directions import DEFAULT_TOP_K_DIRECTIONS, lost_component
+from recoup.stages.lcc.heads import HeadId, HeadScores, split_heads
+from recoup.stages.lcc.heads_file import HEADS_FILE, write_heads
+from recoup.stages.lcc.probe import DEFAULT_PROBE_L2, DEFAULT_PROBE_STEPS, DEFAULT_TRAIN_FRACTION
+from recoup.stages.lcc.selectors import (
+    LayerInputs,
+    ScoreParams,
+    assemble_scores,
+    score_layer,
+    selector_names,
+)
+from recoup.stages.model import layout, lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.svd import check_width, load_aligned, read_svd_layer
 from recoup.stages.text.datasources import AlpacaSourceConfig
 
-HEADS = "heads.json"
+HEADS = HEADS_FILE
 PLOT = "scores.png"
 SELECT_VIEWS = ("dense_q", "degraded_q", "dense_pos", "dense_neg")
 KL_METHOD = "kl"
+"""The selector the config accepts but :mod:`~recoup.stages.lcc.selectors` does not register:
+it needs the models (it scores a head by how much compensating it moves the logits), so
+this stage runs it itself."""
+DEFAULT_TOP_FRACTION = 0.25
+"""Share of heads compensated; the paper uses 10-25%."""
 DEFAULT_KL_RECORDS = 256
 """Alpaca records the kl calibration text is cut from: plenty for a few windows, and
 tokenizing them takes a moment instead of the whole 52k-record file."""
 TOP_IN_METRICS = 10
 """Best heads listed in the manifest metrics (all of them are in heads.json)."""
+
+
+class SelectorConfig(StrictModel):
+    """How the select stage scores heads and how many it keeps."""
+
+    method: str = Field("probe", description="head selector: probe, mse, random, all or kl")
+    top_k_directions: int = Field(
+        DEFAULT_TOP_K_DIRECTIONS, ge=1, description="singular directions summed into c"
+    )
+    top_fraction: float | None = Field(
+        DEFAULT_TOP_FRACTION, gt=0.0, le=1.0, description="share of heads kept"
+    )
+    top_count: int | None = Field(
+        None, ge=1, description="number of heads kept; replaces top_fraction"
+    )
+    seed: int = Field(0, ge=0, description="seeds the probe split and the random selector")
+    train_fraction: float = Field(
+        DEFAULT_TRAIN_FRACTION, gt=0.0, lt=1.0, description="probe train share of samples"
+    )
+    probe_steps: int = Field(DEFAULT_PROBE_STEPS, ge=1, description="most Newton steps")
+    probe_l2: float = Field(DEFAULT_PROBE_L2, gt=0.0, description="probe L2 on weights")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        names = sorted({*selector_names(), KL_METHOD})
+        if value not in names:
+            raise ValueError(f"method {value!r} is not a head selector; known: {', '.join(names)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_size_rule(cls, data: Any) -> Any:
+        """``top_count`` replaces the default ``top_fraction``; setting both is an error."""
+        if isinstance(data, Mapping) and data.get("top_count") is not None:
+            if data.get("top_fraction") is not None:
+                raise ValueError("set top_fraction or top_count, not both")
+            data = {**data, "top_fraction": None}
+        return data
+
+    @model_validator(mode="after")
+    def _has_size_rule(self) -> SelectorConfig:
+        if self.top_count is None and self.top_fraction is None:
+            raise ValueError("set one of top_fraction or top_count")
+        return self
+
+    @property
+    def params(self) -> ScoreParams:
+        """The settings the registered selectors read."""
+        return ScoreParams(top_k_directions=self.top_k_directions, seed=self.seed,
+                           train_fraction=self.train_fraction, probe_steps=self.probe_steps,
+                           probe_l2=self.probe_l2)
+
+    def choose(self, scores: HeadScores) -> list[HeadId]:
+        """The heads to compensate: ``top_count`` if set, else ``top_fraction``."""
+        if self.top_count is not None:
+            return scores.top(count=self.top_count)
+        return scores.top(fraction=self.top_fraction)
 
 
 class KlConfig(StrictModel):
@@ -102,23 +179,24 @@ def layer_inputs(collect_dir: Path, svd_dir: Path, layer: int, n_heads: int, d_h
     _, views = load_aligned(collect_dir, layer, SELECT_VIEWS, shards)
     check_width(views["dense_q"], layer, n_heads, d_head)
     V, S = read_svd_layer(svd_dir, layer)
-    heads = {v: lcc_math.split_heads(z, n_heads) for v, z in views.items()}  # (N, H, d_head)
+    heads = {v: split_heads(z, n_heads) for v, z in views.items()}  # (N, H, d_head)
     return LayerInputs(layer=layer, z_dense_q=heads["dense_q"],
                        z_degraded_q=heads["degraded_q"], z_dense_pos=heads["dense_pos"],
                        z_dense_neg=heads["dense_neg"], V=V, S=S)
 
 
 def score_layer_task(collect_dir: Path, svd_dir: Path, layer: int, n_heads: int, d_head: int,
-                     shards: tuple[int, ...] | None, cfg: SelectorConfig) -> torch.Tensor:
+                     shards: tuple[int, ...] | None, method: str,
+                     params: ScoreParams) -> torch.Tensor:
     """Scores (n_heads,) of one layer's heads under a registered selector (a Ray task)."""
     inputs = layer_inputs(collect_dir, svd_dir, layer, n_heads, d_head, shards)
-    return lcc_math.score_layer(inputs, cfg)
+    return score_layer(inputs, method, params)
 
 
 def lost_components(inputs: LayerInputs, k: int) -> torch.Tensor:
     """(n_heads, d_head) float64: each head's mean lost component over its top-k directions."""
     return torch.stack([
-        lcc_math.lost_component(inputs.delta(h), inputs.V[h].to(torch.float64),
+        lost_component(inputs.delta(h), inputs.V[h].to(torch.float64),
                                 inputs.S[h].to(torch.float64), k)
         for h in range(inputs.n_heads)
     ])
@@ -150,10 +228,6 @@ class _Injector:
         return (x + self.add[:, None, :].to(x.dtype), *args[1:])
 
 
-def _decoder_layers(model: Any) -> Sequence[Any]:
-    return model.model.layers
-
-
 def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows: torch.Tensor,
                    *, batch_size: int, device: torch.device,
                    progress: bool = False) -> tuple[torch.Tensor, float, int]:
@@ -168,7 +242,7 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
     """
     n_layers, n_heads, d_head = components.shape
     n_win, seq_len = windows.shape
-    layers = _decoder_layers(degraded)
+    layers = layout.decoder_layers(degraded)
     if len(layers) != n_layers:
         raise ValueError(f"components cover {n_layers} layers, the model has {len(layers)}")
     tokens = n_win * seq_len
@@ -194,7 +268,7 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
             continue
         pairs = [(h, w) for h in heads for w in range(n_win)]
         kl_sum = torch.zeros(n_heads, dtype=torch.float64)
-        handle = layers[layer].self_attn.o_proj.register_forward_pre_hook(injector)
+        handle = layout.o_proj_of(layers[layer]).register_forward_pre_hook(injector)
         try:
             with torch.inference_mode():
                 for start in range(0, len(pairs), batch_size):
@@ -220,11 +294,11 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
 
 def _kl_scores(ctx: StageContext, cfg: SelectConfig, card: modelio.ModelCard,
                components: torch.Tensor) -> tuple[HeadScores, Metrics]:
-    device = torch.device(ctx.run.run.device)
+    device = torch.device(ctx.device)
     dtype = modelio.DTYPES[card.dtype]
     dense_dir = ctx.input("prepare") / MODEL_DIR
     tokenizer = modelio.load_tokenizer(dense_dir)
-    windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.run.run.resolved_data_dir,
+    windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.data_dir,
                               max_positions=card.max_positions,
                               synthesized=ctx.inputs.get("synthesize"),
                               field="select.kl.calibration")  # (W, T)
@@ -244,19 +318,6 @@ def _kl_scores(ctx: StageContext, cfg: SelectConfig, card: modelio.ModelCard,
 # --------------------------------------------------------------------------- stage
 
 
-def heads_record(method: str, scores: HeadScores, chosen: Sequence[HeadId]) -> dict[str, Any]:
-    """The ``heads.json`` document (format in docs/architecture.md)."""
-    return {"method": method, "chosen": [[int(layer), int(h)] for layer, h in chosen],
-            "scores": scores.to_records()}
-
-
-def read_heads(select_dir: Path) -> tuple[str, list[HeadId], HeadScores]:
-    """(method, chosen heads best first, scores) from a select stage folder."""
-    doc = json.loads((select_dir / HEADS).read_text())
-    chosen = [(int(layer), int(h)) for layer, h in doc["chosen"]]
-    return doc["method"], chosen, HeadScores.from_records(doc["scores"])
-
-
 def _summary(m: Metrics) -> str:
     best = m["top"][0] if m["top"] else None
     text = f"{m['method']}: {m['n_chosen']} of {m['n_layers'] * m['n_heads']} heads"
@@ -265,8 +326,19 @@ def _summary(m: Metrics) -> str:
     return text
 
 
+def estimate_select(inp: EstimateInputs) -> StageEstimate:
+    """One CPU task per layer holding that layer's views (the probe fits are small)."""
+    cfg: SelectConfig = inp.config
+    n = inp.sections["data"].source.num_samples
+    host = (None if n is None
+            else layer_task_host_bytes(inp.shape.card, n, len(activations.VIEWS)))
+    notes = (("the kl selector runs the degraded model: not estimated here",)
+             if cfg.selector.method == "kl" else ())
+    return layer_tasks_estimate(inp, host_bytes=host, disk_bytes=None, notes=notes)
+
+
 @register_stage(name="select", version=1, requires=("prepare", "degrade", "collect", "svd"),
-                optional=("synthesize",), summarize=_summary)
+                optional=("synthesize",), summarize=_summary, estimate=estimate_select)
 def select(ctx: StageContext) -> Metrics:
     cfg: SelectConfig = ctx.config
     sel = cfg.selector
@@ -281,17 +353,18 @@ def select(ctx: StageContext) -> Metrics:
     extra: Metrics = {}
     if sel.method == KL_METHOD:
         comps = map_layers(components_task, [(*a, sel.top_k_directions) for a in common],
-                           ctx.run.cluster, num_cpus_per_task=cfg.cpus_per_task,
+                           ctx.cluster, num_cpus_per_task=cfg.cpus_per_task,
                            max_parallel=cfg.workers, desc="select c", progress=ctx.progress)
         scores, extra = _kl_scores(ctx, cfg, card, torch.stack(comps))  # (L, H, d_head)
     else:
-        per_layer = map_layers(score_layer_task, [(*a, sel) for a in common], ctx.run.cluster,
+        per_layer = map_layers(score_layer_task,
+                               [(*a, sel.method, sel.params) for a in common], ctx.cluster,
                                num_cpus_per_task=cfg.cpus_per_task, max_parallel=cfg.workers,
                                desc=f"select {sel.method}", progress=ctx.progress)
-        scores = lcc_math.assemble_scores(dict(enumerate(per_layer)), card.layers)
+        scores = assemble_scores(dict(enumerate(per_layer)), card.layers)
     wall = time.perf_counter() - t0
     chosen = sel.choose(scores)
-    atomic_write_json(ctx.out_dir / HEADS, heads_record(sel.method, scores, chosen))
+    write_heads(ctx.out_dir, sel.method, scores, chosen)
     heatmap.plot_head_scores(
         scores.scores, chosen, ctx.out_dir / PLOT,
         title=f"{sel.method} scores, {len(chosen)} chosen heads outlined",

@@ -4,31 +4,38 @@ Recover-LoRA puts its adapters on the few layers that compression damaged most, 
 them without labels: per decoder layer, the relative error of the degraded layer's output
 against the dense layer's, both fed the *dense* model's input to that layer (so a layer is
 not blamed for the error it inherits; see
-:func:`recoup.stages.recovery.methods.local_layer_outputs`).
+:func:`recoup.stages.recovery.layer_ranking.local_layer_outputs`).
 The inputs are the data stage's samples, so in a data-free run the ranking comes from the
 dense model's own synthetic text.
 
 ``train.lora.layers: auto`` takes its layers from here when this stage is in the pipeline,
-and the report plots the errors. Outputs: ``sensitivity.json`` with ``errors`` (one per
+and the report plots the errors (the measurement:
+:mod:`recoup.stages.model.layer_errors`). Outputs: ``sensitivity.json`` with ``errors`` (one per
 layer, relative squared error), ``ranking`` (layers, most damaged first) and the counts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
-from torch import Tensor
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import (
+    EstimateInputs,
+    StageEstimate,
+    forward_working_bytes,
+    gpus_for,
+)
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
 from recoup.stages.model import modelio
+from recoup.stages.model.layer_errors import measure_layer_errors, ranking
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery.methods import Encoded, Normalize, collate, encode_sample, rank_layers
+from recoup.stages.recovery.batching import encode_sample
+from recoup.stages.recovery.layer_ranking import Normalize
 from recoup.stages.text.datasources import Sample
 from recoup.stages.text.triplets import read_parquet
 
@@ -51,11 +58,6 @@ class SensitivityConfig(StrictModel):
     )
 
 
-def ranking(errors: list[float]) -> list[int]:
-    """Layers by error, largest first; ties go to the lower index."""
-    return sorted(range(len(errors)), key=lambda i: (-errors[i], i))
-
-
 def read_sensitivity(folder: Path) -> dict[str, Any]:
     """``sensitivity.json`` of a finished stage."""
     path = folder / OUTPUT
@@ -64,27 +66,41 @@ def read_sensitivity(folder: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def measure_layer_errors(dense_dir: Path, degraded_dir: Path, dtype: str, device: str,
-                         samples: Sequence[Encoded], pad_id: int, batch_size: int,
-                         normalize: Normalize = "output") -> Tensor:
-    """(n_layers,) output errors of the degraded model against the dense one on ``samples``
-    (see :func:`recoup.stages.recovery.methods.rank_layers`); both models are loaded here and freed
-    on return. Used by this stage and by ``train`` when this stage is not in the pipeline."""
-    batches = [{k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
-               for i in range(0, len(samples), batch_size)]
-    dense = modelio.load_model(dense_dir, modelio.DTYPES[dtype], device)
-    degraded = modelio.load_model(degraded_dir, modelio.DTYPES[dtype], device)
-    modelio.check_same_architecture(dense, degraded, "layer sensitivity: the degraded model")
-    return rank_layers(dense, degraded, batches, normalize)
-
-
 def _summary(m: Metrics) -> str:
     top = ", ".join(str(i) for i in m["ranking"][:4])
     return f"{m['layers']} layers on {m['samples']} samples; most moved: {top}"
 
 
+def estimate_sensitivity(inp: EstimateInputs) -> StageEstimate:
+    """Device: the dense and the degraded model both resident (:func:`measure_layer_errors`
+    loads both), and per batch every decoder layer's dense input and both outputs, kept
+    until the batch's errors are summed, plus the dense forward's logits."""
+    cfg: SensitivityConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    card, item = shape.card, shape.itemsize
+    _, gpus = inp.task_resources
+    tokens = cfg.batch_size * cfg.max_seq_len
+    parts = {
+        "dense + degraded weights": 2 * shape.weights_bytes,
+        "layer inputs and both outputs (all layers, one batch)":
+            3 * card.layers * tokens * card.hidden * item,
+        "forward working set": forward_working_bytes(card, tokens, item),
+        "logits of the dense forward": tokens * card.vocab * item,
+    }
+    dev = sum(parts.values())
+    fits = dev <= hw.usable
+    notes = [] if fits else [f"needs {gpus_for(dev, hw.usable)} GPUs' memory, but both "
+                             "models run on one device"]
+    if gpus < 1 and inp.device != "cpu":
+        notes.append("set cluster.stages.sensitivity.gpus=1 (its task asks for no GPU)")
+    return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev,
+                         host_bytes=shape.weights_bytes, disk_bytes=None, gpus_config=gpus,
+                         gpus_min=1 if fits else None, fits=fits, parts=parts,
+                         notes=tuple(notes))
+
+
 @register_stage(name="sensitivity", version=1, requires=("prepare", "degrade", "data"),
-                summarize=_summary)
+                summarize=_summary, estimate=estimate_sensitivity)
 def sensitivity(ctx: StageContext) -> Metrics:
     cfg: SensitivityConfig = ctx.config
     prepared = ctx.input("prepare")
@@ -97,7 +113,7 @@ def sensitivity(ctx: StageContext) -> Metrics:
     encoded = [encode_sample(tokenizer, s.prompt, s.response, cfg.max_seq_len) for s in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     errors = [float(e) for e in measure_layer_errors(
-        prepared / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype, ctx.run.run.device,
+        prepared / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype, ctx.device,
         encoded, int(pad), cfg.batch_size, cfg.normalize)]
     order = ranking(errors)
     ctx.log.info("layer output errors (most moved first): %s",

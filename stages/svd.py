@@ -3,19 +3,18 @@
 For every decoder layer, one task reads that layer's partition of the collected
 activations (nothing else), forms dZ = Z_dense(q) - Z_degraded(q) per head over the
 samples (not centred), and keeps all ``d_head`` right singular vectors and the singular
-values (:func:`recoup.stages.lcc.lcc_math.svd_directions`). All layers run in parallel as Ray
+values (:func:`recoup.stages.lcc.directions.svd_directions`). All layers run in parallel as Ray
 tasks (:func:`recoup.cluster.tasks.map_layers`); every task's output depends on its layer's
 activations only, so the files are the same for any number of workers.
 
 Output, one file per layer (``layer=LL.safetensors``): ``V`` (n_heads, d_head, d_head),
 row ``i`` of ``V[h]`` the i-th right singular vector of head ``h``, and ``S`` (n_heads, r)
 descending, r = min(N, d_head). ``V`` is stored in ``svd.dtype``; ``S`` always in float32
-(:func:`~recoup.stages.lcc.lcc_math.lost_component` reads the rank tolerance from S's dtype).
+(:func:`~recoup.stages.lcc.directions.lost_component` reads the rank tolerance from S's dtype).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +27,19 @@ from safetensors.torch import save_file
 
 from recoup.cluster.tasks import map_layers
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import (
+    FP32,
+    ITEMSIZE,
+    EstimateInputs,
+    StageEstimate,
+    layer_task_host_bytes,
+    layer_tasks_estimate,
+)
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
-from recoup.orchestrator.store import TMP_MARK
-from recoup.stages.lcc import activations, lcc_math
+from recoup.orchestrator.store import atomic_path
+from recoup.stages.lcc import activations
+from recoup.stages.lcc.directions import svd_directions
+from recoup.stages.lcc.heads import split_heads
 from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD
 
@@ -84,16 +93,8 @@ def write_svd_layer(path: Path, V: torch.Tensor, S: torch.Tensor) -> None:
     a per-process random order (a Rust HashMap), so the same tensors would give files with
     different bytes, and checksums, from run to run. The shapes are in the manifest.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({"V": V.contiguous(), "S": S.contiguous()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_aligned(collect_dir: Path, layer: int, views: Sequence[str],
@@ -129,15 +130,15 @@ def layer_svd(z_dense_q: torch.Tensor, z_degraded_q: torch.Tensor,
     """Per-head SVD of dZ for one layer, in float64.
 
     z_* are (N, n_heads * d_head); returns ``V`` (n_heads, d_head, d_head) and ``S``
-    (n_heads, min(N, d_head)), one :func:`~recoup.stages.lcc.lcc_math.svd_directions` per head.
+    (n_heads, min(N, d_head)), one :func:`~recoup.stages.lcc.directions.svd_directions` per head.
     """
     if z_dense_q.shape != z_degraded_q.shape:
         raise ValueError(f"dense {tuple(z_dense_q.shape)} and degraded "
                          f"{tuple(z_degraded_q.shape)} activations differ in shape")
-    dense = lcc_math.split_heads(z_dense_q.to(torch.float64), n_heads)  # (N, H, d_head)
-    degraded = lcc_math.split_heads(z_degraded_q.to(torch.float64), n_heads)  # (N, H, d_head)
+    dense = split_heads(z_dense_q.to(torch.float64), n_heads)  # (N, H, d_head)
+    degraded = split_heads(z_degraded_q.to(torch.float64), n_heads)  # (N, H, d_head)
     delta = dense - degraded  # (N, H, d_head)
-    pairs = [lcc_math.svd_directions(delta[:, h]) for h in range(n_heads)]
+    pairs = [svd_directions(delta[:, h]) for h in range(n_heads)]
     V = torch.stack([v for v, _ in pairs])  # (H, d_head, d_head)
     S = torch.stack([s for _, s in pairs])  # (H, r)
     return V, S
@@ -175,7 +176,21 @@ def _summary(m: Metrics) -> str:
             f"{m['samples']} samples")
 
 
-@register_stage(name="svd", version=1, requires=("prepare", "collect"), summarize=_summary)
+def estimate_svd(inp: EstimateInputs) -> StageEstimate:
+    """One CPU task per layer holding that layer's views; on disk V and S of every head."""
+    cfg: SvdConfig = inp.config
+    card = inp.shape.card
+    n = inp.sections["data"].source.num_samples
+    host = disk = None
+    if n is not None:
+        host = layer_task_host_bytes(card, n, len(activations.VIEWS))
+        r = min(n, card.d_head)
+        disk = card.layers * card.heads * (card.d_head ** 2 * ITEMSIZE[cfg.dtype] + r * FP32)
+    return layer_tasks_estimate(inp, host_bytes=host, disk_bytes=disk)
+
+
+@register_stage(name="svd", version=1, requires=("prepare", "collect"), summarize=_summary,
+                estimate=estimate_svd)
 def svd(ctx: StageContext) -> Metrics:
     cfg: SvdConfig = ctx.config
     card = modelio.ModelCard.read(ctx.input("prepare") / CARD)
@@ -188,7 +203,7 @@ def svd(ctx: StageContext) -> Metrics:
         svd_layer_task,
         [(collect_dir, ctx.out_dir, layer, card.heads, card.d_head, shards, cfg.dtype)
          for layer in range(card.layers)],
-        ctx.run.cluster, num_cpus_per_task=cfg.cpus_per_task, max_parallel=cfg.workers,
+        ctx.cluster, num_cpus_per_task=cfg.cpus_per_task, max_parallel=cfg.workers,
         desc="svd", progress=ctx.progress,
     )
     wall = time.perf_counter() - t0

@@ -19,10 +19,11 @@ token. Modes:
 Work is cut into shards of ``samples_per_shard`` sequences, spread over a pool of workers
 (:func:`recoup.cluster.pool.run_shards`; Ray actors, each loading the dense model once).
 Every shard draws its start tokens and samples from its own seed (``seed``, shard index),
-so a shard's text does not depend on which worker ran it or how many there were. A shard
-is a Parquet file written atomically, then a marker with its sha256; the stage is
-resumable, and a rerun recomputes only shards whose marker is missing, from another
-config, or whose file no longer matches its checksum. At the end all shards are joined,
+so a shard's text does not depend on which worker ran it or how many there were (the
+generation itself: :mod:`recoup.stages.text.generation`). A shard is a Parquet file written
+atomically, then a marker with its sha256 (:class:`recoup.orchestrator.shards.ShardSet`);
+the stage is resumable, and a rerun recomputes only shards whose marker is missing, from
+another config, or whose file no longer matches its checksum. At the end all shards are joined,
 exact duplicates (after whitespace normalisation) and texts shorter than ``min_tokens``
 are dropped, and ``synthetic.parquet`` (``id, prompt, response``) is written: the file
 the ``synthetic`` data source reads.
@@ -30,7 +31,7 @@ the ``synthetic`` data source reads.
 Outputs::
 
     shards/shard-0003.parquet   id, prompt, response, tokens   (one shard)
-    shards/shard-0003.json      marker: key, sha256, counts
+    shards/shard-0003.json      marker: key, files (size, sha256), counts
     synthetic.parquet           id, prompt, response           (deduplicated, in id order)
     synthetic.json              counts and throughput
 """
@@ -38,12 +39,10 @@ Outputs::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,20 +53,37 @@ import torch
 from pydantic import Field, model_validator
 
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
-from recoup.orchestrator import store
+from recoup.orchestrator import shards, store
+from recoup.orchestrator.estimate import (
+    FP32,
+    EstimateInputs,
+    StageEstimate,
+    forward_working_bytes,
+    gpus_for,
+)
+from recoup.orchestrator.shards import SHARDS_DIR, ShardSet
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.text.datasources import Sample
+from recoup.stages.text.generation import (
+    SYNTHETIC_FILE,
+    Sampling,
+    chat_user_prefix,
+    deduplicate,
+    generate,
+    left_pad,
+    shard_seed,
+    start_token_pool,
+    stop_tokens,
+)
 from recoup.stages.text.triplets import write_parquet
 
 log = logging.getLogger("recoup.synthesize")
 
-SHARDS_DIR = "shards"
-OUTPUT = "synthetic.parquet"
+OUTPUT = SYNTHETIC_FILE
 INFO = "synthetic.json"
 ID_PREFIX = "synthetic"
-_USER_MARK = "\x00RECOUP_USER_TEXT\x00"
 SHARD_SCHEMA = pa.schema([
     pa.field("id", pa.string()), pa.field("prompt", pa.string()),
     pa.field("response", pa.string()), pa.field("tokens", pa.int32()),
@@ -106,133 +122,6 @@ class SynthesizeConfig(PoolConfig):
         return self
 
 
-# --------------------------------------------------------------------------- pure parts
-
-
-def start_token_pool(tokenizer: Any, vocab_size: int) -> torch.Tensor:
-    """Ids a sequence may start from: the model's vocabulary minus special and added tokens.
-
-    Added tokens (``<|im_start|>``, ``<repo_name>``...) are control markers, not text; a
-    sequence started from one imitates a file format instead of language.
-    """
-    banned = set(int(i) for i in tokenizer.all_special_ids)
-    banned |= {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
-    pool = [i for i in range(min(vocab_size, len(tokenizer))) if i not in banned]
-    if not pool:
-        raise ValueError("the tokenizer has no ordinary tokens to start a sequence from")
-    return torch.tensor(pool, dtype=torch.long)
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    """One seed per shard, so a shard's text depends on (seed, shard) only."""
-    digest = hashlib.sha256(f"{seed}:{shard}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def cut_at_stop(ids: Sequence[int], stop: set[int]) -> list[int]:
-    """The tokens before the first stop token (all of them when none occurs)."""
-    out: list[int] = []
-    for t in ids:
-        if t in stop:
-            break
-        out.append(int(t))
-    return out
-
-
-def normalized(text: str) -> str:
-    """The text duplicates are judged by: whitespace runs collapsed, ends stripped."""
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def deduplicate(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """First occurrence (in the given order) of each normalised prompt + response."""
-    seen: set[str] = set()
-    kept: list[dict[str, Any]] = []
-    dropped = 0
-    for row in rows:
-        key = normalized(row["prompt"]) + "\x00" + normalized(row["response"])
-        if key in seen:
-            dropped += 1
-            continue
-        seen.add(key)
-        kept.append(dict(row))
-    return kept, dropped
-
-
-def stop_tokens(tokenizer: Any, generation_config: Any) -> set[int]:
-    """Ids that end a sequence: the tokenizer's EOS and the model's generation EOS ids
-    (SmolLM2-Instruct ends a turn with ``<|im_end|>``, listed in either)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    ids = [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
-    return {int(i) for i in ids if i is not None}
-
-
-def chat_user_prefix(tokenizer: Any) -> str:
-    """The rendered chat template up to where the user's message goes."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("synthesize.mode=chat needs a tokenizer with a chat template; this "
-                         "model's tokenizer has none (use mode: text)")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _USER_MARK}],
-                                             tokenize=False)
-    if _USER_MARK not in rendered:
-        raise ValueError("the chat template does not place the user's message verbatim")
-    return str(rendered.split(_USER_MARK)[0])
-
-
-class _GreedyFirst:
-    """Logits processor: the first ``steps`` generated tokens are the argmax.
-
-    Masking every other logit makes the sampler pick the argmax, so one ``generate`` call
-    does the greedy steps and then samples (temperature and top-p keep the argmax).
-    """
-
-    def __init__(self, start_len: int, steps: int) -> None:
-        self.start_len, self.steps = start_len, steps
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] - self.start_len >= self.steps:
-            return scores
-        keep = scores.argmax(dim=-1, keepdim=True)  # (B, 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, keep, scores.gather(-1, keep))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sampling:
-    """The decoding settings of one ``generate`` call."""
-
-    max_new_tokens: int
-    greedy_tokens: int
-    temperature: float
-    top_p: float
-
-
-@torch.no_grad()
-def generate(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, s: Sampling,
-             stop: set[int], pad_id: int) -> list[list[int]]:
-    """New tokens of each row of ``ids`` (B, T), left-padded, cut at the first stop token."""
-    from transformers import LogitsProcessorList
-
-    out = model.generate(
-        input_ids=ids, attention_mask=attention_mask, do_sample=True,
-        temperature=s.temperature, top_p=s.top_p, top_k=0, max_new_tokens=s.max_new_tokens,
-        eos_token_id=sorted(stop), pad_token_id=pad_id,
-        logits_processor=LogitsProcessorList([_GreedyFirst(ids.shape[1], s.greedy_tokens)]),
-    )  # (B, T + new)
-    return [cut_at_stop(row.tolist(), stop) for row in out[:, ids.shape[1]:]]
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T_max) ids and attention mask, padded on the left so generation continues each."""
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, t - len(s):] = 1
-    return ids, mask
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -252,6 +141,12 @@ class SynthesizeJob:
     def num_shards(self) -> int:
         return -(-self.config.num_samples // self.config.samples_per_shard)
 
+    def shard_set(self) -> ShardSet:
+        """The shards of this job: one Parquet file each, and a marker."""
+        return ShardSet(root=self.out_dir, key=self.key, num_shards=self.num_shards,
+                        files_of=lambda shard: [shard_file(self.out_dir, shard)],
+                        name="synthesize")
+
     def shard_range(self, shard: int) -> range:
         per = self.config.samples_per_shard
         return range(shard * per, min((shard + 1) * per, self.config.num_samples))
@@ -262,14 +157,14 @@ def shard_file(root: Path, shard: int) -> Path:
 
 
 def marker_file(root: Path, shard: int) -> Path:
-    return root / SHARDS_DIR / f"shard-{shard:04d}.json"
+    return shards.marker_file(root, shard)
 
 
-def _shard_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+def write_shard(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One shard's rows as a Parquet file, written atomically."""
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=SHARD_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    with store.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 class SynthesizeWorker:
@@ -345,14 +240,10 @@ class SynthesizeWorker:
                                                     strict=True):
                     rows.append({"id": f"{ID_PREFIX}#{i}", "prompt": prompt,
                                  "response": response, "tokens": n})
-        data = _shard_bytes(rows)
-        store.atomic_write_bytes(shard_file(job.out_dir, shard), data)
-        info = {"key": job.key, "shard": shard, "rows": len(rows),
-                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                "tokens": sum(r["tokens"] for r in rows),
+        write_shard(shard_file(job.out_dir, shard), rows)
+        info = {"shard": shard, "rows": len(rows), "tokens": sum(r["tokens"] for r in rows),
                 "started": started, "finished": time.time()}
-        store.atomic_write_json(marker_file(job.out_dir, shard), info)
-        return info
+        return job.shard_set().mark_done(shard, info)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -375,28 +266,7 @@ def reusable_shards(job: SynthesizeJob) -> set[int]:
     Everything else in ``shards/`` (no marker: a killed writer; another key; a corrupted
     file; beyond the shard count) is deleted, so the folder holds this run's shards only.
     """
-    root = job.out_dir
-    keep: set[int] = set()
-    for shard in range(job.num_shards):
-        marker, path = marker_file(root, shard), shard_file(root, shard)
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("key") != job.key or not path.is_file():
-            continue
-        if store.sha256_file(path) != info.get("sha256"):
-            log.warning("synthesize: %s does not match its marker's sha256; regenerating it",
-                        path)
-            continue
-        keep.add(shard)
-    wanted = {p for s in keep for p in (marker_file(root, s), shard_file(root, s))}
-    folder = root / SHARDS_DIR
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p not in wanted:
-                p.unlink()
-    return keep
+    return job.shard_set().reusable(log)
 
 
 def read_shard_rows(root: Path, num_shards: int) -> list[dict[str, Any]]:
@@ -447,19 +317,45 @@ def _summary(m: Metrics) -> str:
             f"{m['too_short']} too short dropped), {m['samples_per_s']:.2f} samples/s")
 
 
+def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
+    """Per worker: the dense model resident, the KV cache of a batch of sequences at their
+    longest, one decoding step's working set and the float32 logits sampling reads."""
+    cfg: SynthesizeConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    card, item = shape.card, shape.itemsize
+    longest = 1 + cfg.length + (cfg.prompt_length if cfg.mode == "chat" else 0)
+    parts = {
+        "dense weights": shape.weights_bytes,
+        "KV cache (batch x longest sequence)":
+            2 * card.layers * cfg.batch_size * longest * card.kv_heads * card.d_head * item,
+        "one decoding step's working set": forward_working_bytes(card, cfg.batch_size, item),
+        "logits of a step (and float32 for sampling)": cfg.batch_size * card.vocab * (
+            item + FP32),
+    }
+    dev = sum(parts.values())
+    need = gpus_for(dev, hw.usable)
+    notes = [f"{cfg.workers} workers, each loading the dense model once"]
+    fits = cfg.num_gpus_per_worker >= need or not inp.on_gpu
+    if not fits:
+        notes.append(f"needs {need} GPUs per worker: set synthesize.num_gpus_per_worker={need}")
+    return StageEstimate(stage=inp.stage, workers=cfg.workers, device_bytes=dev,
+                         host_bytes=shape.weights_bytes, disk_bytes=None,
+                         gpus_config=cfg.workers * cfg.num_gpus_per_worker, gpus_min=need,
+                         fits=fits, parts=parts, notes=tuple(notes))
+
+
 @register_stage(name="synthesize", version=1, requires=("prepare",), resumable=True,
-                summarize=_summary)
+                summarize=_summary, estimate=estimate_synthesize)
 def synthesize(ctx: StageContext) -> Metrics:
     cfg: SynthesizeConfig = ctx.config
     prepared = ctx.input("prepare")
     card = modelio.ModelCard.read(prepared / CARD)
-    cfg = cfg.model_copy(update={"num_gpus_per_worker": cfg.gpus_on(ctx.run.cluster)})
+    cfg = cfg.model_copy(update={"num_gpus_per_worker": cfg.gpus_on(ctx.cluster)})
     job = SynthesizeJob(
         model_dir=prepared / MODEL_DIR, model_dtype=card.dtype, out_dir=ctx.out_dir,
-        config=cfg, device=ctx.run.run.device,
-        key=shard_key(cfg, device=ctx.run.run.device,
-                      upstream=store.read_manifest(prepared).fingerprint),
+        config=cfg, device=ctx.device,
+        key=shard_key(cfg, device=ctx.device, upstream=ctx.upstream["prepare"]),
     )
     ctx.log.info("synthesize: %d %s sequences of up to %d tokens in %d shards on %d workers",
                  cfg.num_samples, cfg.mode, cfg.length, job.num_shards, cfg.workers)
-    return run_synthesize(job, ctx.run.cluster, progress=ctx.progress)
+    return run_synthesize(job, ctx.cluster, progress=ctx.progress)

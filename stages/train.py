@@ -7,12 +7,23 @@ they are in the pipeline (optional inputs). That keeps one stage for every metho
   too for the ``lost_component`` init) and say so clearly when those stages are missing;
 - ``lora`` needs none of them, so a LoRA-only pipeline skips the expensive activation
   collection: ``prepare -> degrade -> data -> train -> export -> evaluate``.
+- the training-free methods ``lcc-closed``, ``eora`` and ``lcc-closed+eora`` need none of
+  them either (``lcc-closed`` compensates the select stage's heads when select runs, else
+  every head). They are fitted here, in the stage's own process on ``run.device``, block by
+  block (:mod:`recoup.stages.recovery.training_free`): no DeepSpeed, no Ray Train, no
+  checkpoints; the wall time is ``fit_seconds``. The same fits start the trained methods
+  (``train.lcc.init: closed_form``, ``train.lora.init: eora``).
+
+LoRA runs under the degraded model's sparsity mask in training (and in the EoRA fit), so the
+export's masked merge is the trained model (:mod:`recoup.stages.recovery.masked_lora`).
 
 The stage reads its inputs on the driver (samples, chosen heads, V, the LoRA layers for
-``auto``), packs them into a :class:`recoup.stages.recovery.methods.TrainJob`, and hands it to
-:func:`recoup.cluster.train.run_training` (Ray Train workers, or in-process). The stage is
-*resumable*: the runner keeps its folder after a crash, and training continues from the
-last DeepSpeed checkpoint of the same job (same config, same upstream outputs).
+``auto``), packs them into a :class:`recoup.stages.recovery.job.TrainJob` (plain data: the
+part settings of :mod:`recoup.stages.recovery.config` reduced to frozen specs), and hands it
+to :func:`recoup.cluster.train.run_training` (Ray Train workers, or in-process), whose
+workers run :func:`recoup.stages.recovery.task.build_task`. The stage is *resumable*: the
+runner keeps its folder after a crash, and training continues from the last DeepSpeed
+checkpoint of the same job (the stage's fingerprint, device and cluster mode).
 
 Outputs: ``params/`` (``lcc.safetensors``, ``lora/`` PEFT adapter, ``recovery.json``),
 ``checkpoints/``, ``log.jsonl``, ``train_result.json``.
@@ -28,46 +39,69 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
+from recoup.cluster import capacity
 from recoup.cluster.engine import EngineConfig
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.estimate import (
+    GB,
+    EstimateInputs,
+    ModelShape,
+    StageEstimate,
+    chosen_count,
+    placement_note,
+)
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
-from recoup.orchestrator.store import MANIFEST
-from recoup.stages.lcc import lcc_math
+from recoup.stages.degrade import MASKS
+from recoup.stages.lcc.heads_file import read_heads
 from recoup.stages.model import modelio
+from recoup.stages.model.layer_errors import measure_layer_errors
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.recovery.losses import LossConfig
-from recoup.stages.recovery.methods import (
-    Encoded,
+from recoup.stages.recovery import closed_form
+from recoup.stages.recovery.batching import Encoded, encode_sample
+from recoup.stages.recovery.config import (
+    ClosedFormConfig,
     LccConfig,
     LoraAdapterConfig,
-    TrainJob,
-    build_task,
-    encode_sample,
-    get_method,
-    method_names,
-    top_layers,
+    LossConfig,
 )
-from recoup.stages.sensitivity import measure_layer_errors, read_sensitivity
+from recoup.stages.recovery.inits import fit_starts, lost_components
+from recoup.stages.recovery.job import TrainJob
+from recoup.stages.recovery.layer_ranking import top_layers
+from recoup.stages.recovery.methods import RecoveryMethod, get_method, method_names
+from recoup.stages.recovery.task import build_task, save_training_free
+from recoup.stages.sensitivity import read_sensitivity
 from recoup.stages.text.datasources import Sample
 from recoup.stages.text.triplets import read_parquet
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
+"""2: LoRA trains under the sparsity mask; training-free methods; closed-form / EoRA inits;
+the job key is the runner's fingerprint."""
 SAMPLES_FILE = "samples.parquet"
-HEADS_FILE = "heads.json"
 
 
 class TrainConfig(StrictModel):
     """Recovery training: method, its parts, the loss and the engine."""
 
-    method: str = Field("lcc", description="Recovery method: lcc, lora or lcc+lora.")
+    method: str = Field(
+        "lcc",
+        description="Recovery method. Trained: lcc, lora, lcc+lora. Training-free (fitted in "
+        "closed form, block by block, no optimizer): lcc-closed (mean lost component of each "
+        "head over all tokens), eora (EoRA low-rank adapters on the LoRA layers), "
+        "lcc-closed+eora.",
+    )
     lcc: LccConfig = Field(LccConfig(), description="Compensation settings (lcc methods).")
     lora: LoraAdapterConfig = Field(
         LoraAdapterConfig(), description="LoRA settings (lora methods)."
     )
     loss: LossConfig = Field(LossConfig(), description="Loss: response CE and/or KL to dense.")
     engine: EngineConfig = Field(EngineConfig(), description="DeepSpeed / Ray Train settings.")
+    closed_form: ClosedFormConfig = Field(
+        ClosedFormConfig(),
+        description="Calibration of the training-free fits (lcc-closed, eora and the "
+        "closed_form / eora inits).",
+    )
     max_samples: int | None = Field(
         None, ge=1, description="Use the first this many samples of the data stage; unset: all."
     )
@@ -85,17 +119,6 @@ class TrainConfig(StrictModel):
 # --------------------------------------------------------------------------- inputs
 
 
-def read_chosen(select_dir: Path) -> list[tuple[int, int]]:
-    """``heads.json``'s ``chosen`` list as (layer, head) pairs."""
-    path = select_dir / HEADS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the select stage writes the chosen heads")
-    chosen = [(int(layer), int(head)) for layer, head in json.loads(path.read_text())["chosen"]]
-    if not chosen:
-        raise ValueError(f"{path} chooses no heads; nothing to compensate")
-    return chosen
-
-
 def read_svd(svd_dir: Path, layers: set[int]) -> dict[int, dict[str, torch.Tensor]]:
     """The svd stage's files of ``layers``: ``{layer: {"V": (H, d, d), "S": (H, r)}}``."""
     from recoup.stages.svd import read_svd_layer
@@ -107,38 +130,10 @@ def read_svd(svd_dir: Path, layers: set[int]) -> dict[int, dict[str, torch.Tenso
     return out
 
 
-def lost_components(collect_dir: Path, svd: dict[int, dict[str, torch.Tensor]],
-                    chosen: list[tuple[int, int]], n_heads: int, k: int,
-                    ) -> dict[tuple[int, int], torch.Tensor]:
-    """Mean lost component of each chosen head from the collected prompt activations."""
-    from recoup.stages.lcc import activations
-
-    out = {}
-    for layer in sorted({lh[0] for lh in chosen}):
-        views = activations.read_layer(collect_dir, layer)
-        ids_d, dense = views["dense_q"]
-        ids_g, degraded = views["degraded_q"]
-        if ids_d != ids_g:
-            raise ValueError(f"collect: layer {layer} has different samples for dense and degraded")
-        delta = lcc_math.split_heads(dense - degraded, n_heads)  # (N, n_heads, d_head)
-        for lh in chosen:
-            if lh[0] == layer:
-                h = lh[1]
-                out[lh] = lcc_math.lost_component(delta[:, h], svd[layer]["V"][h].float(),
-                                                  svd[layer]["S"][h].float(), k)
-    return out
-
-
-def _fingerprint(ctx: StageContext) -> str:
-    """Identity of the training job: stage version, config, upstream manifests."""
-    upstream = {}
-    for name, folder in sorted(ctx.inputs.items()):
-        manifest = folder / MANIFEST
-        upstream[name] = json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() \
-            else str(folder)
-    payload = {"version": STAGE_VERSION, "config": ctx.config.model_dump(mode="json"),
-               "upstream": upstream, "device": ctx.run.run.device,
-               "mode": ctx.run.cluster.mode}
+def _job_key(ctx: StageContext) -> str:
+    """Identity of the training job (checkpoints of another job are never resumed): the
+    stage's fingerprint (version, config, upstream) plus where it trains."""
+    payload = {"fingerprint": ctx.fingerprint, "device": ctx.device, "mode": ctx.cluster.mode}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -165,7 +160,8 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
     job: dict[str, Any] = {
         "method": cfg.method, "degraded_dir": ctx.input("degrade") / MODEL_DIR,
         "dense_dir": prepared / MODEL_DIR, "dtype": card.dtype, "samples": tuple(encoded),
-        "pad_id": int(pad), "loss": cfg.loss, "n_heads": card.heads,
+        "pad_id": int(pad), "loss": cfg.loss.spec(), "n_heads": card.heads,
+        "masks_file": ctx.input("degrade") / MASKS,
     }
     if method.needs_heads:
         missing = [s for s in ("svd", "select") if s not in ctx.inputs]
@@ -176,13 +172,21 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
                 f"train.method {cfg.method!r} needs the stages {', '.join(missing)} before "
                 "train in run.pipeline (they give the heads to compensate)"
             )
-        chosen = read_chosen(ctx.input("select"))
+        chosen = read_heads(ctx.input("select")).chosen
         svd = read_svd(ctx.input("svd"), {layer for layer, _ in chosen})
-        job.update(lcc=cfg.lcc, chosen=tuple(chosen),
+        job.update(lcc=cfg.lcc.spec(), chosen=tuple(chosen),
                    V={(layer, h): svd[layer]["V"][h].float() for layer, h in chosen})
         if cfg.lcc.init == "lost_component":
             job["lost"] = lost_components(ctx.input("collect"), svd, chosen, card.heads,
                                           cfg.lcc.init_directions)
+        facts["chosen_heads"] = len(chosen)
+    elif method.uses_lcc:  # closed-form compensation: any heads, V = I
+        if cfg.closed_form.heads == "chosen" and "select" in ctx.inputs:
+            chosen = read_heads(ctx.input("select")).chosen
+        else:
+            chosen = closed_form.all_heads(card.layers, card.heads)
+        job.update(lcc=cfg.lcc.spec(), chosen=tuple(chosen),
+                   V=closed_form.identity_directions(chosen, card.d_head))
         facts["chosen_heads"] = len(chosen)
     if method.uses_lora:
         if cfg.lora.layers == "auto":
@@ -190,9 +194,39 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
             facts["layer_errors"] = [round(float(e), 6) for e in errors]
         else:
             layers = tuple(cfg.lora.layers)
-        job.update(lora=cfg.lora, lora_layers=tuple(sorted(layers)))
+        job.update(lora=cfg.lora.spec(), lora_layers=tuple(sorted(layers)))
         facts["lora_layers"] = list(job["lora_layers"])
+    facts.update(fit_closed_form(ctx, method, job, encoded, card))
     return TrainJob(**job), facts
+
+
+def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, Any],
+                    encoded: list[Encoded], card: modelio.ModelCard) -> dict[str, Any]:
+    """Run the training-free fits the method needs (itself, or as an init) and put them in
+    ``job``: the closed-form components as ``lost`` (where the compensation starts), the
+    EoRA factors as ``lora_init`` (peft's layout and scaling). Returns the facts."""
+    cfg: TrainConfig = ctx.config
+    lcc_fit = method.uses_lcc and (method.training_free or cfg.lcc.init == "closed_form")
+    eora_fit = method.uses_lora and (method.training_free or cfg.lora.init == "eora")
+    if not (lcc_fit or eora_fit):
+        return {}
+    cf = cfg.closed_form
+    fit = fit_starts(
+        dense_dir=job["dense_dir"], degraded_dir=job["degraded_dir"], dtype=card.dtype,
+        heads=job["chosen"] if lcc_fit else None,
+        eora_layers=job["lora_layers"] if eora_fit else None, targets=cfg.lora.targets,
+        rank=cfg.lora.rank, alpha=cfg.lora.alpha, masks_file=job["masks_file"],
+        calibration=[e.ids for e in encoded[: cf.samples]], pad_id=job["pad_id"],
+        device=ctx.device, micro_batch=cf.micro_batch, offload=cf.offload,
+        eig_rtol=cf.eig_rtol, progress=ctx.progress)
+    if fit.lost is not None:
+        job["lost"] = fit.lost
+    if fit.lora_init is not None:
+        job["lora_init"] = fit.lora_init
+    ctx.log.info("training-free fit (%s%s) in %.1f s on %d tokens", "lcc" if lcc_fit else "",
+                 "+eora" if eora_fit else "", fit.facts["fit_seconds"],
+                 fit.facts["calibration_tokens"])
+    return fit.facts
 
 
 def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
@@ -210,7 +244,7 @@ def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
     else:
         errors = measure_layer_errors(
             ctx.input("prepare") / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype,
-            ctx.run.run.device, encoded[: cfg.lora.auto_samples], pad, cfg.engine.micro_batch)
+            ctx.device, encoded[: cfg.lora.auto_samples], pad, cfg.engine.micro_batch)
         source = "training samples"
     layers = tuple(top_layers(errors, cfg.lora.auto_layers))
     ctx.log.info("LoRA layers (auto, largest output error, from %s): %s", source, list(layers))
@@ -221,6 +255,9 @@ def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
 
 
 def _summary(m: Metrics) -> str:
+    if m.get("training_free"):
+        return (f"{m['method']}: training-free, fitted in {m['fit_seconds']:.1f} s, "
+                f"{m['trainable_params']} parameters")
     text = f"{m['method']}: loss {m['first_loss']:.4f} -> {m['final_loss']:.4f} " \
            f"in {m['steps']} steps, {m['trainable_params']} trainable"
     if m.get("resumed_from"):
@@ -231,9 +268,13 @@ def _summary(m: Metrics) -> str:
 def train_stage(ctx: StageContext) -> Metrics:
     cfg: TrainConfig = ctx.config
     job, facts = build_job(ctx)
+    if get_method(cfg.method).training_free:
+        result = save_training_free(job, ctx.out_dir, ctx.device)
+        ctx.log.info("fitted %s without training in %.1f s", cfg.method, facts["fit_seconds"])
+        return {"method": cfg.method, **facts, **result}
     result = run_training(
-        make_task=build_task, task_spec=job, engine=cfg.engine, cluster=ctx.run.cluster,
-        device=ctx.run.run.device, out_dir=ctx.out_dir, fingerprint=_fingerprint(ctx),
+        make_task=build_task, task_spec=job, engine=cfg.engine, cluster=ctx.cluster,
+        device=ctx.device, out_dir=ctx.out_dir, fingerprint=_job_key(ctx),
         progress=ctx.progress,
     )
     metrics: Metrics = {"method": cfg.method, **facts, **result}
@@ -242,10 +283,73 @@ def train_stage(ctx: StageContext) -> Metrics:
     return metrics
 
 
+def train_parts(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
+                heads: int) -> dict[str, int]:
+    """Device bytes of one training worker (one GPU) under the configured ZeRO stage
+    (:func:`recoup.cluster.capacity.zero_worker_parts`); ``heads``: the heads select keeps
+    (compensated by the lcc methods)."""
+    method = get_method(cfg.method)
+    lora = cfg.lora
+    return capacity.zero_worker_parts(
+        shape, cfg.engine, world_size, tokens=cfg.engine.micro_batch * cfg.max_seq_len,
+        heads=heads if method.needs_heads else 0,
+        lora=capacity.LoraShape(
+            layers=lora.auto_layers if lora.layers == "auto" else len(lora.layers),
+            rank=lora.rank, targets=tuple(lora.targets)) if method.uses_lora else None,
+        teacher=cfg.loss.kl_weight > 0)
+
+
+def min_world_size(shape: ModelShape, cfg: TrainConfig, usable: float, *,
+                   heads: int) -> int | None:
+    """Fewest training workers whose per-GPU bytes fit ``usable``; None if none does."""
+    return capacity.min_world_size(
+        lambda world: train_parts(shape, cfg, world, heads=heads), usable)
+
+
+def estimate_train(inp: EstimateInputs) -> StageEstimate:
+    """Per GPU under ZeRO (:func:`train_parts`), the fewest workers that fit, and the load
+    peak: each worker loads the whole model before ZeRO-3 partitions it."""
+    from recoup.cluster.placement import worker_group
+
+    cfg: TrainConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    selector = inp.sections["select"].selector
+    heads = chosen_count(selector.top_count, selector.top_fraction,
+                         shape.card.layers * shape.card.heads)
+    eng = cfg.engine
+    w = eng.workers
+    parts = train_parts(shape, cfg, w, heads=heads)
+    dev = sum(parts.values())
+    least = min_world_size(shape, cfg, hw.usable, heads=heads)
+    notes = []
+    fits = dev <= hw.usable
+    if not fits:
+        notes.append(f"{w} workers are too few: train.engine.workers >= {least}"
+                     if least else "does not fit at any world size")
+    load_peak = shape.weights_bytes
+    if load_peak > hw.usable and inp.on_gpu:
+        fits = False
+        least = None
+        notes.append(f"load peak {load_peak / GB:.1f} GB per GPU: each worker loads the whole "
+                     "model onto its GPU before ZeRO-3 partitions it; needs a partitioned "
+                     "load (deepspeed.zero.Init / meta-device init)")
+    note = placement_note(hw, worker_group(w, gpus=1, cpus=eng.cpus_per_worker))
+    if note:
+        notes.append(note)
+        fits = False
+    notes.append(f"host: {shape.weights_bytes / GB:.1f} GB per worker while loading "
+                 f"({hw.gpus_per_node} workers per node: "
+                 f"{hw.gpus_per_node * shape.weights_bytes / GB:.0f} GB per node)")
+    return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev,
+                         host_bytes=shape.weights_bytes, disk_bytes=None,
+                         gpus_config=w if inp.on_gpu else 0, gpus_min=least, fits=fits,
+                         parts=parts, notes=tuple(notes))
+
+
 register_stage(name="train", version=STAGE_VERSION, resumable=True,
                requires=("prepare", "degrade", "data"),
                optional=("collect", "svd", "select", "sensitivity"),
-               summarize=_summary)(train_stage)
+               summarize=_summary, estimate=estimate_train)(train_stage)
 
 
-__all__ = ("PARAMS_DIR", "TrainConfig", "build_job", "read_chosen", "read_svd", "train_stage")
+__all__ = ("PARAMS_DIR", "TrainConfig", "build_job", "read_svd", "train_stage")

@@ -16,7 +16,9 @@ import torch
 from pydantic import Field
 
 from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.rundir import check_text_file, resolve_data_file
 from recoup.stages.text.datasources import AlpacaSourceConfig, SourceConfig, load_samples
+from recoup.stages.text.generation import SYNTHETIC_FILE
 
 
 class CalibrationConfig(StrictModel):
@@ -40,15 +42,18 @@ def resolve_source_paths(data: Any, data_dir: Path | Callable[[], Path], *,
     """
     path = getattr(data, "path", None)
     if getattr(data, "source", None) == "synthetic" and path is None:
-        from recoup.stages.synthesize import OUTPUT
-
         if synthesized is None:
             raise ValueError(f"{field} is 'synthetic' without a path, so it reads this run's "
                              "synthesize stage; add synthesize to run.pipeline before this stage")
-        return data.model_copy(update={"path": synthesized / OUTPUT})
+        return data.model_copy(update={"path": synthesized / SYNTHETIC_FILE})
     if isinstance(path, Path) and not path.is_absolute():
         folder = data_dir() if callable(data_dir) else data_dir
+        resolved = resolve_data_file(str(path), folder)  # warns if it leaves the data dir
+        assert resolved is not None
+        check_text_file(resolved, f"{field}.path")
         return data.model_copy(update={"path": folder / path})
+    if isinstance(path, Path):
+        check_text_file(path, f"{field}.path")
     return data
 
 

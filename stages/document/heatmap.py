@@ -7,7 +7,6 @@ figure state), so it works on headless machines and inside Ray workers.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from recoup.orchestrator.store import tmp_path_for
+from recoup.orchestrator.store import atomic_path
 
 HeadId = tuple[int, int]
 
@@ -58,13 +57,5 @@ def plot_head_scores(scores: torch.Tensor, chosen: Iterable[HeadId], path: Path,
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

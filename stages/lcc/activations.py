@@ -11,16 +11,12 @@ Each Parquet file has the columns ``sample_id`` (string), ``view`` (string, one 
 ``n_heads * d_head``: the input of ``self_attn.o_proj`` at the chosen token, heads
 concatenated). Partitioning by layer lets a per-layer job read one layer and nothing else.
 A shard's files count only once its marker exists; files are written through a temporary
-name, so a killed writer leaves nothing that looks complete. The marker records each layer
-file's size and sha256 under ``files`` (path relative to the stage folder), so a shard
-damaged after it was finished (a bad disk, a truncating copy) is caught before it is
-reused: :func:`shard_problem`.
+name, so a killed writer leaves nothing that looks complete. Markers, their checksums and
+reuse are those of every sharded stage: :mod:`recoup.orchestrator.shards`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -29,14 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recoup.orchestrator.store import TMP_MARK, atomic_write_json, sha256_file
+from recoup.orchestrator import shards
+from recoup.orchestrator.store import atomic_path
 
 #: dense(q), dense(q + r+), dense(q + r-), degraded(q)
 VIEWS = ("dense_q", "dense_pos", "dense_neg", "degraded_q")
 ACTS_DIR = "acts"
-SHARDS_DIR = "shards"
+SHARDS_DIR = shards.SHARDS_DIR
 #: marker key: relative path of each layer file -> {"size": bytes, "sha256": hex digest}
-FILES_KEY = "files"
+FILES_KEY = shards.FILES_KEY
 _PA_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 #: Activations are all distinct floats: a dictionary page (Parquet's default) makes the file
@@ -58,7 +55,12 @@ def shard_file(root: Path, layer: int, shard: int) -> Path:
 
 
 def marker_file(root: Path, shard: int) -> Path:
-    return root / SHARDS_DIR / f"shard-{shard:04d}.json"
+    return shards.marker_file(root, shard)
+
+
+def layer_files(root: Path, shard: int, layers: int) -> list[Path]:
+    """The data files of one shard: one per layer."""
+    return [shard_file(root, layer, shard) for layer in range(layers)]
 
 
 def schema(width: int, dtype: str) -> pa.Schema:
@@ -79,70 +81,31 @@ def write_layer_shard(path: Path, sample_ids: list[str], views: list[str], acts:
          pa.FixedSizeListArray.from_arrays(pa.array(flat, _PA_DTYPES[dtype]), width)],
         schema=schema(width, dtype),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    pq.write_table(table, tmp, **_WRITE_OPTIONS)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **_WRITE_OPTIONS)
 
 
 def mark_shard_done(root: Path, shard: int, info: Mapping[str, object]) -> None:
-    atomic_write_json(marker_file(root, shard), dict(info))
+    """Mark a shard complete with ``info`` as its marker (readers only need it to exist;
+    collect's own markers also carry the key and checksums that reuse checks)."""
+    shards.write_marker(root, shard, info)
 
 
 def file_records(root: Path, shard: int, layers: int) -> dict[str, dict[str, object]]:
     """Size and sha256 of each layer file of ``shard``, keyed by path relative to ``root``:
     what the marker stores so that reuse can tell an intact shard from a damaged one."""
-    out: dict[str, dict[str, object]] = {}
-    for layer in range(layers):
-        path = shard_file(root, layer, shard)
-        out[path.relative_to(root).as_posix()] = {"size": path.stat().st_size,
-                                                  "sha256": sha256_file(path)}
-    return out
+    return shards.file_records(root, layer_files(root, shard, layers))
 
 
 def shard_problem(root: Path, shard: int, marker: Mapping[str, object], layers: int,
                   ) -> str | None:
-    """Why the files of a marked shard cannot be trusted (naming the file), or None.
-
-    Each of its ``layers`` layer files must exist with the size and sha256 its marker
-    recorded. A marker without records (written before they existed) cannot vouch for its
-    files, so the shard counts as unverifiable rather than silently trusted.
-    """
-    records = marker.get(FILES_KEY)
-    if not isinstance(records, Mapping):
-        return f"{marker_file(root, shard)} records no checksums of its files"
-    for layer in range(layers):
-        path = shard_file(root, layer, shard)
-        expected = records.get(path.relative_to(root).as_posix())
-        if not isinstance(expected, Mapping):
-            return f"{marker_file(root, shard)} records no checksum of {path}"
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != expected.get("size"):
-            return f"{path} has {size} bytes, its shard marker says {expected.get('size')}"
-        if sha256_file(path) != expected.get("sha256"):
-            return f"{path} does not match its sha256 in the shard marker (corrupted)"
-    return None
+    """Why the layer files of a marked shard cannot be trusted (naming the file), or None."""
+    return shards.files_problem(root, shard, marker, layer_files(root, shard, layers))
 
 
 def done_shards(root: Path) -> set[int]:
     """Shards whose marker exists (their layer files are all complete)."""
-    d = root / SHARDS_DIR
-    if not d.is_dir():
-        return set()
-    out = set()
-    for p in d.glob("shard-*.json"):
-        if TMP_MARK in p.name:
-            continue
-        try:
-            json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        out.add(int(p.stem.split("-")[1]))
-    return out
+    return shards.done_shards(root)
 
 
 def read_layer(root: Path, layer: int, shards: Iterable[int] | None = None,

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-HeadId = tuple[int, int]
-"""(layer, head), zero-based."""
+from recoup.stages.lcc.heads import HeadId
+from recoup.stages.model.layout import o_proj_modules
 
 DEFAULT_INIT_STD = 1e-3
 """Standard deviation of the normal init of ``beta`` and ``b`` (the reference's N(0, 1e-3))."""
@@ -228,19 +228,6 @@ class Attached:
         self.handles.clear()
 
 
-def o_proj_modules(model: nn.Module) -> list[nn.Module]:
-    """``self_attn.o_proj`` of every decoder block, for a causal LM or a PEFT wrapper of one."""
-    base = model
-    while not hasattr(base, "layers"):
-        if hasattr(base, "model"):
-            base = base.model
-        elif hasattr(base, "base_model"):
-            base = base.base_model
-        else:
-            raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
-    return [layer.self_attn.o_proj for layer in base.layers]
-
-
 def attach(model: nn.Module, comp: Compensation) -> Attached:
     """Add each layer's compensation to its ``o_proj`` input with forward pre-hooks.
 
@@ -276,6 +263,5 @@ __all__ = (
     "attach",
     "beta_from_component",
     "fold_bias",
-    "o_proj_modules",
     "state_key",
 )

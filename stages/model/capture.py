@@ -28,6 +28,9 @@ from typing import Any, Literal
 
 import torch
 
+from recoup.stages.model import layout
+from recoup.stages.model.tokenize import TokenSeq
+
 Position = Literal["last_token", "mean_response"]
 """Which tokens of a sequence give its row.
 
@@ -40,42 +43,6 @@ equal that of q alone, since attention is causal).
 """
 
 PaddingSide = Literal["left", "right"]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenSeq:
-    """One model input: token ids, and where its response starts (``len(ids)``: none)."""
-
-    ids: tuple[int, ...]
-    response_start: int
-
-    def __post_init__(self) -> None:
-        if not self.ids:
-            raise ValueError("a token sequence needs at least one token")
-        if not 0 < self.response_start <= len(self.ids):
-            raise ValueError(
-                f"response_start {self.response_start} is outside 1..{len(self.ids)} "
-                "(a sequence needs at least one prompt token)"
-            )
-
-    @property
-    def has_response(self) -> bool:
-        return self.response_start < len(self.ids)
-
-
-def join_prompt_response(prompt_ids: Sequence[int], response_ids: Sequence[int],
-                         max_length: int | None = None) -> TokenSeq:
-    """``prompt + response`` as one sequence; the response's tail is cut to fit ``max_length``.
-
-    The prompt is never cut: its tokens (and its last token) must be the same in every view
-    of a sample. A prompt longer than ``max_length`` is an error.
-    """
-    if max_length is not None and len(prompt_ids) > max_length:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the "
-                         f"maximum length {max_length}")
-    room = len(response_ids) if max_length is None else max_length - len(prompt_ids)
-    ids = tuple(prompt_ids) + tuple(response_ids[:room])
-    return TokenSeq(ids=ids, response_start=len(prompt_ids))
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -157,26 +124,6 @@ def reduce_rows(x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bt,btw->bw", weights, picked)  # (B, W)
 
 
-def decoder_of(model: Any) -> Any:
-    """The decoder (``LlamaModel``) of a causal LM, or the model itself if it is one."""
-    inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "layers") else model
-
-
-def o_proj_modules(model: Any) -> list[torch.nn.Module]:
-    """Every decoder layer's ``self_attn.o_proj``, in layer order."""
-    decoder = decoder_of(model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers (expected a Llama-"
-                         "layout model with model.layers[i].self_attn.o_proj)")
-    try:
-        return [layer.self_attn.o_proj for layer in layers]
-    except AttributeError:
-        raise ValueError(f"{type(model).__name__}: a decoder layer has no self_attn.o_proj "
-                         "(recoup hooks into Llama-layout attention)") from None
-
-
 @torch.no_grad()
 def capture_batch(model: Any, batch: Batch) -> torch.Tensor:
     """One forward pass of the decoder; the o_proj input rows of every layer and sample.
@@ -184,8 +131,8 @@ def capture_batch(model: Any, batch: Batch) -> torch.Tensor:
     Returns float32 (L, B, H * d_head) on the CPU. Only the decoder runs, not the LM head:
     the logits are not needed, and at a 49k vocabulary they would cost a fifth of the time.
     """
-    decoder = decoder_of(model)
-    modules = o_proj_modules(model)
+    decoder = layout.decoder(model)
+    modules = layout.o_proj_modules(model)
     device = decoder.embed_tokens.weight.device
     rows: list[torch.Tensor | None] = [None] * len(modules)
     select = batch.select.to(device)

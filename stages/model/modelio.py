@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.store import commit_path, tmp_path_for
@@ -39,6 +39,14 @@ class TinyLlamaConfig(StrictModel):
     intermediate: int = Field(128, ge=8)
     max_positions: int = Field(2048, ge=16)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _shape(self) -> TinyLlamaConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads={self.kv_heads} does not divide heads={self.heads}")
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,16 +210,6 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
-
-
-def linear_weight_names(model: Any) -> list[str]:
-    """Parameter names of the decoder blocks' linear weights: the matrices recoup degrades."""
-    names = []
-    for i, layer in enumerate(model.model.layers):
-        for mod_name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                names.append(f"model.layers.{i}.{mod_name}.weight")
-    return names
 
 
 def check_same_architecture(dense: Any, other: Any, where: str) -> None:

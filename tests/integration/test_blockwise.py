@@ -19,12 +19,10 @@ from recoup.stages.compress.blockwise import (
     LINEAR_NAMES,
     PEAK_FROM_ACCOUNTING,
     BlockRunner,
-    DegradeSpec,
-    available_methods,
     degrade_blockwise,
     embed_calibration,
-    register_method,
 )
+from recoup.stages.compress.methods import DegradeSpec, available_methods, register_method
 from recoup.stages.compress.pruning import nm_valid, sparsity_of
 
 CPU = torch.device("cpu")
@@ -232,5 +230,5 @@ def test_errors_are_sentences(dense: LlamaForCausalLM, calib: torch.Tensor) -> N
             device=CPU,
             progress=False,
         )
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered twice"):
         register_method("wanda", kind="prune")(lambda weight, stat, spec: (weight, None))

@@ -10,6 +10,7 @@ import pytest
 
 from recoup.orchestrator.runner import StageFailedError, run_pipeline
 from recoup.stages import data as data_stage
+from recoup.stages.model.tokenize import tokenize_pair
 from recoup.stages.text.datasources import Sample, alpaca_prompt
 from recoup.stages.text.triplets import MiniLMEncoder, Triplet, read_parquet
 from tests.conftest import tiny_config
@@ -51,10 +52,10 @@ def test_alpaca_samples_skip_over_long_ones_and_keep_the_count(alpaca_run: Path,
         r = records[int(s.id.split("#")[1])]
         assert s.prompt == alpaca_prompt(r["instruction"], r.get("input", ""))
         assert s.response == r["output"]
-        assert len((s.prompt + s.response).encode()) <= MAX_LENGTH
+        assert len((s.prompt + s.response).encode()) + 1 <= MAX_LENGTH  # + EOS
     info = json.loads((alpaca_run / "data" / data_stage.INFO).read_text())
     assert info["max_length"] == MAX_LENGTH and info["samples"] == NUM_SAMPLES
-    assert info["skipped_too_long"] == sum(n > MAX_LENGTH for n in n_bytes) > 0
+    assert info["skipped_too_long"] == sum(n + 1 > MAX_LENGTH for n in n_bytes) > 0  # + EOS
 
 
 def test_negative_is_the_most_similar_other_response(alpaca_run: Path) -> None:
@@ -108,7 +109,7 @@ def test_local_jsonl_relative_to_the_data_dir(tmp_path: Path) -> None:
     samples = read_parquet(tmp_path / "r" / "data" / data_stage.SAMPLES, Sample)
     assert [s.id for s in samples] == [f"qa.jsonl#{i}" for i in range(6)]
     assert samples[2].prompt == "question 2?" and samples[2].response == "answer number 2."
-    seq = data_stage.tokenize_sample(_ByteTok(), samples[2].prompt, samples[2].response)
+    seq = tokenize_pair(_ByteTok(), samples[2].prompt, samples[2].response)
     assert seq.response_start == len(b"question 2?")
     with pytest.raises(StageFailedError, match="only 6 of the 7 samples fit"):
         _run(_config(tmp_path / "s", data_dir, {**source, "num_samples": 7}, triplets=False))
@@ -121,9 +122,9 @@ class _ByteTok:
         return {"input_ids": [list(t.encode()) for t in texts]}
 
 
-def test_tokenize_sample_keeps_the_prompt_tokens_of_every_view() -> None:
+def test_tokenize_pair_keeps_the_prompt_tokens_of_every_view() -> None:
     tok = _ByteTok()
-    pos = data_stage.tokenize_sample(tok, "Q:", "yes")
-    neg = data_stage.tokenize_sample(tok, "Q:", "no, not at all", max_length=6)
+    pos = tokenize_pair(tok, "Q:", "yes")
+    neg = tokenize_pair(tok, "Q:", "no, not at all", max_length=6)
     assert pos.ids[:pos.response_start] == neg.ids[:neg.response_start] == tuple(b"Q:")
     assert len(neg.ids) == 6 and neg.ids[2:] == tuple(b"no, ")

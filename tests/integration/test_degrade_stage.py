@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recoup.orchestrator.config import ConfigError
 from recoup.orchestrator.runner import StageFailedError, run_pipeline
-from recoup.stages.model import modelio
+from recoup.stages.model import layout, modelio
 from tests.conftest import tiny_config
 
 CALIB = {"num_samples": 4, "seq_len": 32, "data": {"source": "alpaca",
@@ -33,7 +34,7 @@ def test_pruning_methods_write_model_masks_and_report(tmp_path: Path, data_dir: 
     assert metrics["linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
     report = json.loads((out / "sparsity.json").read_text())
     model = modelio.load_model(out / "model", torch.float32)
-    names = modelio.linear_weight_names(model)
+    names = layout.linear_weight_names(model)
     assert sorted(report["matrices"]) == sorted(names)
     masks = load_file(str(out / "masks.safetensors"))
     params = dict(model.named_parameters())
@@ -77,5 +78,6 @@ def test_calibration_longer_than_the_model_is_refused(tmp_path: Path, data_dir: 
 
 
 def test_unknown_method_names_the_known_ones(tmp_path: Path, data_dir: Path) -> None:
-    with pytest.raises(StageFailedError, match="unknown; choose one of .*sparsegpt"):
+    # refused when the config is loaded, before any stage runs
+    with pytest.raises(ConfigError, match="unknown; choose one of .*sparsegpt"):
         _degrade(tmp_path, data_dir, "unknown", method="obs")

@@ -17,20 +17,20 @@ import torch
 from safetensors import safe_open
 
 from recoup.orchestrator.runconfig import RunConfig
-from recoup.orchestrator.runner import run_pipeline
+from recoup.orchestrator.runner import run_pipeline, stage_context
 from recoup.orchestrator.stage import (
     Executor,
     InProcessExecutor,
     Metrics,
     Resources,
-    StageContext,
     get_stage,
 )
 from recoup.stages.lcc import activations
-from recoup.stages.lcc.lcc_math import HeadScores
+from recoup.stages.lcc.heads import HeadScores
+from recoup.stages.lcc.heads_file import read_heads
 from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
-from recoup.stages.select import HEADS, PLOT, read_heads
+from recoup.stages.select import HEADS, PLOT
 from recoup.stages.svd import read_svd_layer, svd_file
 from tests.conftest import tiny_config
 
@@ -107,9 +107,8 @@ def call_stage(name: str, cfg: RunConfig, inputs: dict[str, Path],
     spec = get_stage(name)
     out = cfg.run.dir / name
     out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(name=name, run_dir=cfg.run.dir, out_dir=out,
-                       inputs={r: inputs[r] for r in spec.requires},
-                       config=spec.config_of(cfg), run=cfg, progress=False)
+    ctx = stage_context(cfg, spec, out_dir=out, inputs={r: inputs[r] for r in spec.requires},
+                        fingerprint=f"test-{name}", upstream={}, progress=False)
     resources = Resources(num_cpus=cfg.cluster.stage_cpus)
     return (executor or InProcessExecutor()).execute(spec, ctx, resources)
 

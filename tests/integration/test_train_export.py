@@ -27,25 +27,23 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from recoup.cluster.train import (
-    CHECKPOINTS,
-    LOG,
-    CrashHook,
-    TrainingStopped,
-    read_log,
-    run_training,
-)
+from recoup.cluster.train import CrashHook, TrainingStopped, run_training
+from recoup.cluster.train_state import CHECKPOINTS, LOG, read_log
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.runner import run_pipeline
-from recoup.orchestrator.stage import Metrics, StageContext
+from recoup.orchestrator.stage import DataDir, Metrics, StageContext
 from recoup.stages.degrade import MASKS
 from recoup.stages.export import ADAPTER_DIR, export_stage, merge_lora
-from recoup.stages.lcc import activations, lcc_math
+from recoup.stages.lcc import activations
 from recoup.stages.lcc.compensation import Compensation, attach
+from recoup.stages.lcc.directions import lost_component, svd_directions
+from recoup.stages.lcc.heads import split_heads
 from recoup.stages.model import modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.recovery.batching import collate
 from recoup.stages.recovery.losses import response_cross_entropy
-from recoup.stages.recovery.methods import LCC_FILE, LORA_DIR, build_task, collate
+from recoup.stages.recovery.recovery_model import LCC_FILE, LORA_DIR, load_recovered
+from recoup.stages.recovery.task import build_model, build_task
 from recoup.stages.text.datasources import AlpacaSourceConfig, load_samples
 from recoup.stages.text.triplets import write_parquet
 from recoup.stages.train import PARAMS_DIR, build_job, train_stage
@@ -93,8 +91,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Upstre
                                       ids * 2, ["dense_q"] * N_COLLECTED
                                       + ["degraded_q"] * N_COLLECTED,
                                       torch.cat([dense, degraded]), "float32")
-        delta = lcc_math.split_heads(dense - degraded, card.heads)  # (N, heads, d_head)
-        vs = [lcc_math.svd_directions(delta[:, h]) for h in range(card.heads)]
+        delta = split_heads(dense - degraded, card.heads)  # (N, heads, d_head)
+        vs = [svd_directions(delta[:, h]) for h in range(card.heads)]
         save_file({"V": torch.stack([v for v, _ in vs]), "S": torch.stack([s for _, s in vs])},
                   str(root / "svd" / f"layer={layer:02d}.safetensors"))
     activations.mark_shard_done(root / "collect", 0, {"samples": N_COLLECTED})
@@ -112,7 +110,9 @@ def _config(up: Upstream, *, mode: str = "inprocess", **train: Any) -> RunConfig
 def _ctx(name: str, cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> StageContext:
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(name=name, run_dir=out.parent, out_dir=out, inputs=inputs,
-                        config=getattr(cfg, name), run=cfg, progress=False)
+                        config=getattr(cfg, name), fingerprint=f"test-{name}", upstream={},
+                        device=cfg.run.device, data_dir=DataDir(cfg.run.data_dir),
+                        cluster=cfg.cluster, run=cfg, progress=False)
 
 
 def _train_and_export(up: Upstream, out: Path, cfg: RunConfig) -> tuple[Metrics, Metrics]:
@@ -147,6 +147,22 @@ def _assert_zero_counts_unchanged(up: Upstream, exported: Any) -> None:
 @torch.no_grad()
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@torch.no_grad()
+def _trained_logits(up: Upstream, params: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the trained model: the degraded model with the saved parameters attached
+    as training runs them (compensation hooks, masked adapters, nothing merged)."""
+    trained = load_recovered(_degraded(up), params, n_heads=4,
+                             masks_file=up.root / "degrade" / MASKS)
+    return trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _exported(out: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out / "export" / MODEL_DIR,
+                                                dtype=torch.float32).eval()
 
 
 # --------------------------------------------------------------------------- tests
@@ -206,14 +222,16 @@ def test_lcc_lora_on_two_ray_workers_with_zero3(upstream: Upstream, tmp_path: Pa
 
     batch = _batch(upstream, cfg)
     params = tmp_path / "train" / PARAMS_DIR
-    masks = load_file(str(upstream.root / "degrade" / MASKS))
-    merged, _ = merge_lora(_degraded(upstream), params / LORA_DIR, masks)
+    merged, _ = merge_lora(_degraded(upstream), params / LORA_DIR,
+                           upstream.root / "degrade" / MASKS)
     comp = Compensation.from_state(load_file(str(params / LCC_FILE)), n_heads=4)
     hooks = attach(merged, comp)
     reference = _logits(merged, batch)
     hooks.remove()
     exported = modelio.load_model(tmp_path / "export" / MODEL_DIR, torch.float32)
     assert (_logits(exported, batch) - reference).abs().max() < 1e-4
+    assert (_logits(exported, batch) - _trained_logits(upstream, params, batch)).abs().max() \
+        < 1e-4
     _assert_zero_counts_unchanged(upstream, exported)
     # The adapter was trained (B moved off its zero init) and loads on the degraded model.
     adapter = PeftModel.from_pretrained(_degraded(upstream), tmp_path / "export" / ADAPTER_DIR)
@@ -322,10 +340,10 @@ def test_lost_component_init_starts_from_the_collected_shift(upstream: Upstream,
     n_heads = job.n_heads
     for layer, head in job.chosen:
         views = activations.read_layer(upstream.root / "collect", layer)
-        delta = lcc_math.split_heads(views["dense_q"][1] - views["degraded_q"][1], n_heads)
+        delta = split_heads(views["dense_q"][1] - views["degraded_q"][1], n_heads)
         V, S = (load_file(str(upstream.root / "svd" / f"layer={layer:02d}.safetensors"))[k][head]
                 for k in ("V", "S"))
-        expected = lcc_math.lost_component(delta[:, head], V, S, 3)
+        expected = lost_component(delta[:, head], V, S, 3)
         got = comp.layers[str(layer)].components()[comp.layers[str(layer)].heads.index(head)]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     inputs = {k: v for k, v in upstream.inputs.items() if k != "collect"}
@@ -420,3 +438,70 @@ def test_pipeline_resumes_training_after_sigkill(upstream: Upstream, tmp_path: P
     b = json.loads((killed / "train" / "manifest.json").read_text())["metrics"]
     assert b["resumed_from"] >= 10
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lcc-closed", "eora", "lcc-closed+eora", "lora"])
+def test_the_exported_checkpoint_is_the_trained_model(upstream: Upstream, tmp_path: Path,
+                                                      method: str) -> None:
+    """Plain ``transformers`` loads the export; its logits are the trained (or fitted)
+    model's within 1e-4 and every linear keeps the degraded model's zero count. The
+    training-free methods start neither DeepSpeed nor Ray and say how long the fit took."""
+    cfg = _config(upstream, method=method, engine={"steps": 2, "zero_stage": 2},
+                  closed_form={"samples": 6, "micro_batch": 4},
+                  lora={"layers": [1], "rank": 4, "alpha": 8.0, "init": "random"})
+    trained, exported_m = _train_and_export(upstream, tmp_path, cfg)
+    batch = _batch(upstream, cfg)
+    exported = _exported(tmp_path)
+    reference = _trained_logits(upstream, tmp_path / "train" / PARAMS_DIR, batch)
+    assert (_logits(exported, batch) - reference).abs().max() < 1e-4
+    assert exported_m["max_abs_logit_diff"] < 1e-4
+    _assert_zero_counts_unchanged(upstream, exported)
+    free = method != "lora"
+    assert bool(trained.get("training_free")) is free
+    assert not (tmp_path / "train" / CHECKPOINTS).exists() if free else True
+    if free:
+        assert trained["fit_seconds"] > 0 and trained["calibration_samples"] == 6
+        assert trained["trainable_params"] > 0 and trained["steps"] == 0
+    if "lcc" in method:  # the select stage's chosen heads
+        assert trained["chosen_heads"] == len(CHOSEN) and exported_m["lcc_heads"] == len(CHOSEN)
+    if method in ("eora", "lora"):
+        # the fit / training changed the model (EoRA: the masked correction is not zero)
+        assert (reference - _logits(_degraded(upstream), batch)).abs().max() > 1e-4
+
+
+def test_training_free_fit_recovers_and_starts_the_trained_methods(upstream: Upstream,
+                                                                   tmp_path: Path) -> None:
+    """lcc-closed+eora brings the degraded model closer to the dense one (KL on the
+    training samples), and the closed_form / eora inits of lcc+lora start training at
+    exactly that fitted model."""
+    from recoup.stages.recovery.losses import distill_kl
+
+    common = {"closed_form": {"samples": 12, "heads": "chosen"},
+              "lora": {"layers": [0, 1], "rank": 4, "alpha": 8.0}}
+    free = _config(upstream, method="lcc-closed+eora", **common)
+    job_free, facts = build_job(_ctx("train", free, tmp_path / "a", upstream.inputs))
+    assert facts["eora_modules"] == 14 and facts["calibration_tokens"] > 12
+    init = _config(upstream, method="lcc+lora", lcc={"init": "closed_form"},
+                   **{**common, "lora": {**common["lora"], "init": "eora"}})
+    job_init, _ = build_job(_ctx("train", init, tmp_path / "b", upstream.inputs))
+    batch = _batch(upstream, free)
+    fitted, _ = build_model(job_free, "cpu")
+    start, _ = build_model(job_init, "cpu")
+    with torch.no_grad():
+        a = fitted.eval()(batch["input_ids"], batch["attention_mask"])
+        b = start.eval()(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    dense = modelio.load_model(upstream.root / "prepare" / MODEL_DIR, torch.float32)
+    teacher = _logits(dense, batch)
+    mask = batch["attention_mask"].bool()
+    kl_before = float(distill_kl(teacher, _logits(_degraded(upstream), batch), mask))
+    kl_after = float(distill_kl(teacher, a, mask))
+    assert kl_after < kl_before, (kl_before, kl_after)
+
+
+def test_lcc_learning_rate_is_its_own_param_group(upstream: Upstream, tmp_path: Path) -> None:
+    cfg = _config(upstream, method="lcc", lcc={"lr": 0.05},
+                  engine={"steps": 2, "lr": 1e-3, "zero_stage": 2})
+    train_stage(_ctx("train", cfg, tmp_path / "train", upstream.inputs))
+    log = read_log(tmp_path / "train" / LOG)
+    assert log[0]["lr"] == pytest.approx(0.05)  # lcc only: its group is the first

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.stages.model import capture
-from recoup.stages.model.capture import TokenSeq
+from recoup.stages.model import capture, layout
 from recoup.stages.model.modelio import TinyLlamaConfig, build_tiny_llama
+from recoup.stages.model.tokenize import TokenSeq
 
 PAD = 2
 #: (prompt tokens, response tokens); mixed lengths so every batch needs padding
@@ -38,7 +38,7 @@ def _o_proj_inputs_alone(model: torch.nn.Module, seq: TokenSeq) -> torch.Tensor:
     """Reference: one unpadded sequence, full o_proj inputs of every layer: (L, T, W)."""
     inputs: list[torch.Tensor] = []
     handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0][0].clone()))
-               for m in capture.o_proj_modules(model)]
+               for m in layout.o_proj_modules(model)]
     try:
         with torch.no_grad():
             model(torch.tensor([seq.ids]))
@@ -51,7 +51,7 @@ def _o_proj_inputs_alone(model: torch.nn.Module, seq: TokenSeq) -> torch.Tensor:
 def test_last_token_rows_are_the_o_proj_inputs_at_each_last_token(model, seqs) -> None:
     got = capture.capture_sequences(model, seqs, batch_size=3, pad_id=PAD,
                                     padding_side="right", position="last_token")
-    layers = len(capture.o_proj_modules(model))
+    layers = len(layout.o_proj_modules(model))
     assert got.shape == (layers, len(seqs), 64)  # (L, N, heads * d_head)
     for i, s in enumerate(seqs):
         ref = _o_proj_inputs_alone(model, s)[:, -1]  # (L, W)
@@ -93,7 +93,7 @@ def test_rows_are_exact_copies_of_the_batch_inputs(model, seqs) -> None:
     batch = capture.pad_batch(seqs, pad_id=PAD, padding_side="right", position="last_token")
     inputs: list[torch.Tensor] = []
     handles = [m.register_forward_pre_hook(lambda _m, a: inputs.append(a[0].clone()))
-               for m in capture.o_proj_modules(model)]
+               for m in layout.o_proj_modules(model)]
     try:
         with torch.no_grad():
             model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -105,7 +105,7 @@ def test_rows_are_exact_copies_of_the_batch_inputs(model, seqs) -> None:
     last = torch.tensor([len(s.ids) - 1 for s in seqs])
     for layer, x in enumerate(inputs):
         assert torch.equal(got[layer], x[torch.arange(len(seqs)), last])
-    assert all(not m._forward_pre_hooks for m in capture.o_proj_modules(model))
+    assert all(not m._forward_pre_hooks for m in layout.o_proj_modules(model))
 
 
 def test_reduce_rows_against_direct_formula() -> None:
@@ -129,14 +129,3 @@ def test_plan_batches_is_longest_first_and_covers_each_index_once() -> None:
     assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
     with pytest.raises(ValueError):
         capture.plan_batches(lengths, 0)
-
-
-def test_join_cuts_only_the_response() -> None:
-    s = capture.join_prompt_response([1, 2, 3], [4, 5, 6, 7], max_length=5)
-    assert s.ids == (1, 2, 3, 4, 5) and s.response_start == 3
-    assert capture.token_selection(s, "mean_response") == (3, 5)
-    assert capture.token_selection(s, "last_token") == (4, 5)
-    q = capture.join_prompt_response([1, 2, 3], [])
-    assert not q.has_response and capture.token_selection(q, "mean_response") == (2, 3)
-    with pytest.raises(ValueError, match="more than the maximum length"):
-        capture.join_prompt_response([1, 2, 3], [4], max_length=2)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from recoup.stages.lcc import lcc_math
 from recoup.stages.lcc.compensation import (
     Compensation,
     LayerCompensation,
@@ -15,6 +14,7 @@ from recoup.stages.lcc.compensation import (
     fold_bias,
     o_proj_modules,
 )
+from recoup.stages.lcc.directions import svd_directions
 from recoup.stages.model.modelio import TinyLlamaConfig, build_tiny_llama
 
 N_HEADS, D_HEAD = 4, 8
@@ -22,7 +22,7 @@ N_HEADS, D_HEAD = 4, 8
 
 def _orthonormal(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    V, _ = lcc_math.svd_directions(torch.randn(32, D_HEAD, generator=g))
+    V, _ = svd_directions(torch.randn(32, D_HEAD, generator=g))
     return V  # (d, d), rows orthonormal
 
 

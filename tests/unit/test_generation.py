@@ -7,9 +7,9 @@ import torch
 
 from recoup.stages.model import modelio
 from recoup.stages.model.modelio import TinyLlamaConfig
-from recoup.stages.synthesize import (
+from recoup.stages.synthesize import SynthesizeConfig
+from recoup.stages.text.generation import (
     Sampling,
-    SynthesizeConfig,
     chat_user_prefix,
     cut_at_stop,
     deduplicate,

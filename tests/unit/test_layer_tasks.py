@@ -11,7 +11,7 @@ import torch
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.tasks import map_layers, task_threads
 from recoup.stages.document.heatmap import plot_head_scores
-from recoup.stages.lcc import lcc_math
+from recoup.stages.lcc.directions import svd_directions
 from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.select import kl_head_scores
 from recoup.stages.svd import layer_svd
@@ -56,7 +56,7 @@ def test_layer_svd_is_svd_directions_per_head() -> None:
     assert V.shape == (heads, d, d) and S.shape == (heads, d) and V.dtype == torch.float64
     for h in range(heads):
         cols = slice(h * d, (h + 1) * d)  # head h owns these columns of o_proj's input
-        v, s = lcc_math.svd_directions(dense[:, cols].double() - degraded[:, cols].double())
+        v, s = svd_directions(dense[:, cols].double() - degraded[:, cols].double())
         torch.testing.assert_close(V[h], v, rtol=0, atol=0)
         torch.testing.assert_close(S[h], s, rtol=0, atol=0)
 

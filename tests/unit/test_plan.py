@@ -7,23 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from recoup.cluster.capacity import train_token_layer_bytes
 from recoup.orchestrator.config import load_config
-from recoup.orchestrator.plan import (
-    GB,
-    Hardware,
-    builtin_shape,
-    chosen_heads,
-    degrade_parts,
-    evaluate_parts,
-    gpus_for,
-    min_world_size,
-    plan_stages,
-    resolve_model,
-    train_parts,
-    train_token_layer_bytes,
-)
+from recoup.orchestrator.estimate import GB, Hardware, chosen_count, gpus_for
+from recoup.orchestrator.plan import builtin_shape, plan_stages, resolve_model
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.stages.collect import activation_bytes_per_sample
+from recoup.stages.degrade import degrade_parts
+from recoup.stages.evaluate import evaluate_parts
+from recoup.stages.train import min_world_size, train_parts
 
 REPO = Path(__file__).resolve().parents[2]
 H80 = Hardware(gpu_bytes=80 * GB)
@@ -38,6 +30,11 @@ def llama_params(*, vocab: int, hidden: int, inter: int, layers: int, kv_dim: in
 
 def cfg_of(name: str, *overrides: str) -> RunConfig:
     return load_config(RunConfig, REPO / "configs" / f"{name}.yaml", list(overrides))
+
+
+def heads_of(cfg: RunConfig, shape) -> int:  # noqa: ANN001 - a ModelShape
+    sel = cfg.select.selector
+    return chosen_count(sel.top_count, sel.top_fraction, shape.card.layers * shape.card.heads)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +94,10 @@ def test_70b_collect_needs_four_gpus_per_worker(c70: RunConfig) -> None:
 
 def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
     shape = resolve_model(c13)
-    parts = train_parts(shape, c13, 8)
+    parts = train_parts(shape, c13.train, 8, heads=heads_of(c13, shape))
     assert parts["frozen weights / world size (ZeRO-3)"] == math.ceil(2 * shape.params / 8)
     assert parts["2 gathered blocks (ZeRO-3)"] == 2 * 2 * shape.block_params
-    heads = chosen_heads(c13, shape.card)
+    heads = heads_of(c13, shape)
     assert heads == round(0.25 * 40 * 40)
     # beta and b (2 x d_head) per chosen head; 16 B each, all sharded under ZeRO-3
     assert parts["trainable params + grads + Adam"] == math.ceil(heads * 2 * 128 * 16 / 8)
@@ -114,12 +111,14 @@ def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
 def test_min_world_size_is_the_smallest_that_fits(c70: RunConfig) -> None:
     shape = resolve_model(c70)
     usable = H80.usable
-    w = min_world_size(shape, c70, usable)
+    heads = heads_of(c70, shape)
+    w = min_world_size(shape, c70.train, usable, heads=heads)
     assert w is not None and w > 1
-    assert sum(train_parts(shape, c70, w).values()) <= usable
-    assert sum(train_parts(shape, c70, w - 1).values()) > usable
+    assert sum(train_parts(shape, c70.train, w, heads=heads).values()) <= usable
+    assert sum(train_parts(shape, c70.train, w - 1, heads=heads).values()) > usable
     zero2 = cfg_of("llama-70b", "train.engine.zero_stage=2")
-    assert min_world_size(shape, zero2, usable) is None  # whole 138 GB on every GPU
+    # ZeRO-2: the whole 138 GB on every GPU
+    assert min_world_size(shape, zero2.train, usable, heads=heads) is None
 
 
 def test_70b_training_is_blocked_by_the_whole_model_load(c70: RunConfig) -> None:
@@ -131,20 +130,20 @@ def test_70b_training_is_blocked_by_the_whole_model_load(c70: RunConfig) -> None
 
 def test_degrade_sparsegpt_hessians_and_block(c13: RunConfig) -> None:
     shape = resolve_model(c13)
-    parts = degrade_parts(shape, c13)
+    parts = degrade_parts(shape, c13.degrade)
     # one float64 Hessian per distinct input: q/k/v, o, gate/up (5120), down (13824)
     assert parts["Hessians (float64, one per input)"] == 8 * (3 * 5120**2 + 13824**2)
     assert parts["calibration activations (N x seq x hidden)"] == 128 * 2048 * 5120 * 2
     assert parts["one decoder block"] == 2 * shape.block_params
-    wanda = degrade_parts(shape, cfg_of("llama-13b", "degrade.method=wanda"))
+    wanda = degrade_parts(shape, cfg_of("llama-13b", "degrade.method=wanda").degrade)
     assert wanda["input norms (float64)"] == 8 * (3 * 5120 + 13824)
-    assert set(degrade_parts(shape, cfg_of("llama-13b", "degrade.method=magnitude"))) == {
+    assert set(degrade_parts(shape, cfg_of("llama-13b", "degrade.method=magnitude").degrade)) == {
         "one decoder block"}
 
 
 def test_evaluate_holds_three_models(c13: RunConfig) -> None:
     shape = resolve_model(c13)
-    parts = evaluate_parts(shape, c13)
+    parts = evaluate_parts(shape, c13.evaluate, 3 if "export" in c13.run.pipeline else 2)
     assert parts["3 models (dense, degraded, recovered)"] == 3 * shape.weights_bytes
     by_80 = {e.stage: e for e in plan_stages(c13, shape, H80)}["evaluate"]
     assert not by_80.fits  # 78 GB of weights alone
@@ -173,6 +172,25 @@ def test_unknown_model_says_what_to_pass() -> None:
         resolve_model(cfg)
     with pytest.raises(ValueError, match="built-in"):
         builtin_shape("gpt-5", "bfloat16")
+
+
+def test_plan_lists_every_stage_and_says_no_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from recoup.orchestrator import plan, stage
+
+    every = cfg_of("llama-13b", "run.pipeline=[prepare,synthesize,degrade,data,sensitivity,"
+                   "collect,svd,select,train,export,evaluate,report]")
+    shape = resolve_model(every)
+    rows = plan_stages(every, shape, H80)
+    assert [e.stage for e in rows] == list(every.run.pipeline)
+    assert all(e.estimated for e in rows)  # every stage declares its own estimate
+    # a stage without one is listed, not skipped
+    spec = stage.get_stage("report")
+    monkeypatch.setitem(stage._REGISTRY._items, "report", replace(spec, estimate=None))
+    rows = plan_stages(every, shape, H80)
+    assert rows[-1].stage == "report" and not rows[-1].estimated
+    assert "no estimate: report" in plan.format_plan(every, shape, H80, rows)
 
 
 def test_cli_plan_prints_the_table_and_checks_the_cluster_yaml(capsys: pytest.CaptureFixture[

@@ -26,6 +26,20 @@ def test_atomic_write_leaves_no_temporaries(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]
 
 
+def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "t.bin"
+    with store.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".t.bin" + store.TMP_MARK)
+        tmp.write_bytes(b"new")
+        assert not target.exists()
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError, match="boom"), store.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.bin"]
+
+
 def test_outputs_exclude_control_and_temporary_files(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.bin").write_bytes(b"123")

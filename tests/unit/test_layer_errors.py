@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from recoup.stages.model import modelio
-from recoup.stages.recovery.methods import collate, local_layer_io, rank_layers
-from recoup.stages.sensitivity import ranking
+from recoup.stages.model.layer_errors import ranking
+from recoup.stages.recovery.batching import collate
+from recoup.stages.recovery.layer_ranking import local_layer_io, rank_layers
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
-    from recoup.stages.recovery.methods import Encoded
+    from recoup.stages.recovery.batching import Encoded
 
     gen = torch.Generator().manual_seed(0)
     samples = [Encoded(ids=tuple(torch.randint(3, 200, (n,), generator=gen).tolist()),

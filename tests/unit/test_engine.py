@@ -1,0 +1,34 @@
+"""The DeepSpeed engine settings: the LR schedule and the DeepSpeed config built from the
+typed :class:`recoup.cluster.engine.EngineConfig`."""
+
+from __future__ import annotations
+
+import pytest
+
+from recoup.cluster.engine import EngineConfig, deepspeed_config, lr_factor, use_bf16
+
+
+def test_lr_warmup_starts_above_zero_then_holds_or_decays() -> None:
+    f = [lr_factor(s, warmup_steps=4, total_steps=10, schedule="constant") for s in range(10)]
+    assert f[:5] == [0.25, 0.5, 0.75, 1.0, 1.0] and f[-1] == 1.0
+    d = [lr_factor(s, warmup_steps=2, total_steps=6, schedule="linear") for s in range(6)]
+    assert d == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(0, warmup_steps=0, total_steps=3, schedule="constant") == 1.0
+
+
+def test_deepspeed_config_from_the_typed_config() -> None:
+    cfg = EngineConfig(zero_stage=3, offload_optimizer=True, offload_params=True, micro_batch=2,
+                       grad_accum=3, grad_clip=0.5)
+    ds = deepspeed_config(cfg, world_size=2, bf16=False)
+    assert ds["train_batch_size"] == 12
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                       "offload_param": {"device": "cpu"}}
+    assert ds["bf16"] == {"enabled": False}
+    assert use_bf16(EngineConfig(), "cuda") and not use_bf16(EngineConfig(), "cpu")
+
+
+def test_engine_config_refuses_param_offload_without_zero3() -> None:
+    with pytest.raises(ValueError, match="zero_stage 3"):
+        EngineConfig(zero_stage=2, offload_params=True)
