@@ -255,7 +255,7 @@ def stage_context(cfg: RunConfig, spec: StageSpec, *, out_dir: Path,
         name=spec.name, run_dir=cfg.run.dir, out_dir=out_dir, inputs=dict(inputs),
         config=spec.config_of(cfg), fingerprint=fingerprint, upstream=dict(upstream),
         device=cfg.run.device, data_dir=DataDir(cfg.run.data_dir), cluster=cfg.cluster,
-        run=cfg, progress=progress, data_files=dict(data_files or {}),
+        progress=progress, data_files=dict(data_files or {}),
     )
 
 

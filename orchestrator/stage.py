@@ -82,8 +82,6 @@ class StageContext:
     data_dir: DataDir
     #: where pools, task fan-outs and training groups run
     cluster: ClusterConfig
-    #: the whole run config; DEPRECATED: being replaced by the fields above
-    run: Any
     progress: bool = True
     #: data file name as configured -> its sha256 ("absent" when missing), as in the
     #: stage's fingerprint; a stage's own caches key on these, never on a name alone

@@ -112,7 +112,7 @@ def _ctx(name: str, cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> Stage
     return StageContext(name=name, run_dir=out.parent, out_dir=out, inputs=inputs,
                         config=getattr(cfg, name), fingerprint=f"test-{name}", upstream={},
                         device=cfg.run.device, data_dir=DataDir(cfg.run.data_dir),
-                        cluster=cfg.cluster, run=cfg, progress=False)
+                        cluster=cfg.cluster, progress=False)
 
 
 def _train_and_export(up: Upstream, out: Path, cfg: RunConfig) -> tuple[Metrics, Metrics]:
