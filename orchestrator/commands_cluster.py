@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from recoup.orchestrator.config import cli_number
 
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 EXIT_FAILED = 1
@@ -40,41 +43,11 @@ def _friendly(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return run
 
 
-def positive_number(text: str) -> float:
-    """argparse type: a finite number > 0 (``0``, ``-1``, ``nan``, ``inf`` are refused)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a finite number in [0, 1)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in [0, 1)")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
+positive_number = cli_number(float, lambda v: math.isfinite(v) and v > 0,
+                             "must be a finite number above 0")
+fraction = cli_number(float, lambda v: math.isfinite(v) and 0 <= v < 1,
+                      "must be a fraction in [0, 1)")
+positive_int = cli_number(int, lambda v: v >= 1, "must be 1 or more")
 
 
 def _address(args: argparse.Namespace) -> str:

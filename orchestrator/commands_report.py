@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from recoup.orchestrator.config import cli_number
+
 if TYPE_CHECKING:
     from recoup.stages.document.facts import RunFacts
 
@@ -67,15 +69,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+_count = cli_number(int, lambda v: v >= 0, "must be 0 or more")
 
 
 def register(sub: Any) -> None:

@@ -9,10 +9,11 @@ cost seconds, not a GPU-hour.
 
 from __future__ import annotations
 
+import argparse
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
+N = TypeVar("N", int, float)
 
 
 class _Loader(yaml.SafeLoader):
@@ -234,3 +236,21 @@ def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
         for k in sorted(a.keys() | b.keys())
         if a.get(k, missing) != b.get(k, missing)
     ]
+
+
+def cli_number(parse: Callable[[str], N], ok: Callable[[N], bool], must: str,
+               ) -> Callable[[str], N]:
+    """An argparse ``type=`` that parses with ``parse`` (``int`` or ``float``) and refuses a
+    value for which ``ok`` is false, saying what it ``must`` be."""
+    kind = "whole number" if parse is int else "number"
+
+    def convert(text: str) -> N:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {must}")
+        return value
+
+    return convert
