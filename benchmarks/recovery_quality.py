@@ -108,11 +108,16 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete earlier results first")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every method (repeatable), e.g. train.engine.lr=3e-3")
+    ap.add_argument("--label", default=None,
+                    help="run one method under this name (its own run directory and row), "
+                         "to compare a variant made with --set beside the recipe's")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if args.label is not None and len(methods) != 1:
+        ap.error("--label names one variant: give exactly one --methods")
     if args.budget <= 0 or not math.isfinite(args.budget):
         ap.error("--budget must be a positive number")
 
@@ -140,7 +145,8 @@ def main() -> None:
     print(f"prefix + dense/degraded evaluation: {seconds:.0f} s", flush=True)
 
     rows = []
-    for name in methods:
+    for method in methods:
+        name = args.label or method
         run_dir = out / name
         if not (run_dir / "evaluate" / "manifest.json").exists():
             if run_dir.exists():
@@ -148,7 +154,7 @@ def main() -> None:
             shutil.copytree(prefix, run_dir, ignore=shutil.ignore_patterns(
                 "evaluate", "logs", ".lock", "*.tmp-*"))
         pipeline = "run.pipeline=[" + ",".join((*PREFIX, "train", "export", "evaluate")) + "]"
-        run(args.config, run_dir, common + METHODS[name] + [pipeline], log)
+        run(args.config, run_dir, METHODS[method] + common + [pipeline], log)
         models = manifest(run_dir, "evaluate")["metrics"]["models"]
         train = manifest(run_dir, "train")
         rec = models["recovered"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from recoup.cluster.engine import EngineConfig, use_bf16
-from recoup.orchestrator.estimate import FP32, ModelShape
+from recoup.orchestrator.estimate import FP32, ModelShape, forward_working_bytes
 
 if TYPE_CHECKING:
     from recoup.stages.model.modelio import ModelCard
@@ -51,6 +51,29 @@ def lora_parts(shape: ModelShape, *, layers: int, rank: int, targets: tuple[str,
     return params, per_token
 
 
+def masked_lora_bytes(shape: ModelShape, *, layers: int, targets: tuple[str, ...],
+                      itemsize: int) -> tuple[int, int]:
+    """(bool keep masks, masked deltas kept for backward) of ``layers`` adapted layers.
+
+    Masked LoRA (:mod:`recoup.stages.recovery.masked_lora`) keeps an (out, in) bool mask per
+    adapted linear, and its forward multiplies by the (out, in) delta ``M * B A``, which
+    autograd keeps for the input's gradient."""
+    elems = layers * sum(o * i for n, o, i in shape.block_linears
+                         if n.rsplit(".", 1)[-1] in targets)
+    return elems, elems * itemsize
+
+
+def checkpointed_activation_parts(card: ModelCard, *, tokens: int, itemsize: int,
+                                  layer_bytes: int) -> dict[str, int]:
+    """Activation memory under activation checkpointing: every block keeps only its input
+    hidden state; one block at a time recomputes its activations (``layer_bytes`` per token)
+    in backward."""
+    return {
+        "block inputs (activation checkpointing)": tokens * card.layers * card.hidden * itemsize,
+        "one block recomputed in backward": tokens * layer_bytes,
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoraShape:
     """The LoRA adapters a run trains: how many layers, their rank, the adapted linears."""
@@ -61,10 +84,16 @@ class LoraShape:
 
 
 def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, tokens: int,
-                      heads: int, lora: LoraShape | None, teacher: bool) -> dict[str, int]:
+                      heads: int, lora: LoraShape | None, teacher_top_k: int | None,
+                      checkpointing: bool) -> dict[str, int]:
     """Device bytes of one training worker (one GPU) under ``eng``'s ZeRO stage, for
     micro-batches of ``tokens`` tokens; ``heads`` compensated heads (0: none), ``lora``
-    adapters (None: none), ``teacher``: the dense model runs beside for a KL loss."""
+    adapters (None: none); ``teacher_top_k``: None without a KL, 0 for the exact KL (the
+    dense model whole beside the student), k for the KL on the teacher's cached top-k;
+    ``checkpointing``: activation checkpointing of the decoder blocks.
+
+    Under ZeRO-3 the base is built partitioned (no whole-model load peak): a worker holds
+    its 1/world share and the blocks gathered for the running forward or backward."""
     card = shape.card
     item = 2 if use_bf16(eng, "cuda") else FP32
     parts: dict[str, int] = {}
@@ -73,10 +102,11 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
         parts["frozen weights (offloaded to CPU)"] = 0
     elif eng.zero_stage == 3:
         parts["frozen weights / world size (ZeRO-3)"] = math.ceil(frozen / world_size)
-        parts[f"{ZERO3_LIVE_BLOCKS} gathered blocks (ZeRO-3)"] = (
-            ZERO3_LIVE_BLOCKS * shape.block_params * item)
     else:
         parts["frozen weights (ZeRO-2 keeps them whole)"] = frozen
+    if eng.zero_stage == 3:
+        parts[f"{ZERO3_LIVE_BLOCKS} gathered blocks (ZeRO-3)"] = (
+            ZERO3_LIVE_BLOCKS * shape.block_params * item)
     trainable = 0
     extra_per_token = 0
     if heads:
@@ -86,20 +116,65 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
         lora_params, extra_per_token = lora_parts(
             shape, layers=lora.layers, rank=lora.rank, targets=lora.targets, itemsize=item)
         trainable += lora_params
+        masks, deltas = masked_lora_bytes(shape, layers=lora.layers, targets=lora.targets,
+                                          itemsize=item)
+        parts["keep masks of the adapted linears (bool)"] = masks
+        # checkpointing keeps one layer's deltas at a time (its recompute)
+        parts["masked LoRA deltas kept for backward"] = (
+            deltas // max(1, lora.layers) if checkpointing else deltas)
     # ZeRO-2 keeps the 16-bit trainable weights whole and shards grads and Adam states;
     # ZeRO-3 shards all of it. Offloading moves the fp32 master and moments to the CPU.
     whole = item if eng.zero_stage == 2 else 0
     sharded = ADAM_BYTES_PER_PARAM - whole - (3 * FP32 if eng.offload_optimizer else 0)
     parts["trainable params + grads + Adam"] = (
         trainable * whole + math.ceil(trainable * sharded / world_size))
-    per_token = card.layers * train_token_layer_bytes(card, item) + extra_per_token
-    parts["activations for backward (all layers)"] = tokens * per_token
+    layer = train_token_layer_bytes(card, item)
+    if checkpointing:
+        lora_layer = extra_per_token // lora.layers if lora is not None and lora.layers else 0
+        parts.update(checkpointed_activation_parts(card, tokens=tokens, itemsize=item,
+                                                   layer_bytes=layer + lora_layer))
+    else:
+        parts["activations for backward (all layers)"] = tokens * (
+            card.layers * layer + extra_per_token)
     parts["logits (16-bit, float32 log-softmax and its grad)"] = tokens * card.vocab * (
         item + 2 * FP32)
-    if teacher:
+    if teacher_top_k == 0:
         parts["teacher: dense model, whole on every worker"] = shape.weights_bytes
         parts["teacher logits"] = tokens * card.vocab * (item + FP32)
+    elif teacher_top_k:
+        # ids as int64 for the gather, log-probs, tail; the student's float32 copy without
+        # the top-k for its tail mass
+        parts[f"KL on the teacher's top-{teacher_top_k} (its rows, the student's tail)"] = (
+            tokens * (teacher_top_k * (8 + FP32) + FP32 + card.vocab * FP32))
     return parts
+
+
+def teacher_pass_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *,
+                       tokens: int, top_k: int) -> dict[str, int]:
+    """Device bytes of one worker's teacher pass, which runs before the student is built
+    (:mod:`recoup.stages.recovery.teacher`): the dense model as training would hold it, one
+    gathered unit at a time under ZeRO-3 (a block or the embeddings / LM head), one
+    micro-batch's forward and its logits turned into top-``top_k``."""
+    card = shape.card
+    item = 2 if use_bf16(eng, "cuda") else FP32
+    parts: dict[str, int] = {}
+    if eng.zero_stage == 3:
+        parts["dense weights / world size (ZeRO-3)"] = math.ceil(shape.params * item / world_size)
+        parts["one gathered block (ZeRO-3)"] = max(shape.block_params,
+                                                   card.vocab * card.hidden) * item
+    else:
+        parts["dense weights, whole"] = shape.weights_bytes
+    parts["forward working set"] = forward_working_bytes(card, tokens, item)
+    # 16-bit logits, their float32 copy / temperature, the copy without the top-k (tail)
+    parts["logits and their top-k"] = tokens * (card.vocab * (item + 2 * FP32)
+                                                + top_k * (8 + 2 * FP32))
+    return parts
+
+
+def teacher_file_bytes(tokens: int, top_k: int) -> int:
+    """Disk bytes of the teacher's top-k over ``tokens`` token positions: int32 ids and
+    float32 log-probs per kept token, a float32 tail per position."""
+    return tokens * (top_k * 2 * FP32 + FP32)
 
 
 def min_world_size(parts_at: Callable[[int], Mapping[str, int]], usable: float) -> int | None:

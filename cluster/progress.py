@@ -282,7 +282,10 @@ class DriverDisplay:
         for message in snap["warnings"]:
             if message not in self.seen:
                 self.seen.add(message)
-                tqdm.write(f"warning: {self.stage}: {message}", file=sys.stderr)
+                # a stage's own logger already names it ("evaluate: ..."); others get it
+                named = message.split(":", 1)[0].split(".", 1)[0] == self.stage
+                text = message if named else f"{self.stage}: {message}"
+                tqdm.write(f"warning: {text}", file=sys.stderr)
         if self.verbose:
             self._tail()
         if self.progress:

@@ -13,6 +13,12 @@ nothing from globals. The task gives the module (trainable parameters have
 parameters. This module owns the rest: the DeepSpeed engine, the deterministic data
 order, checkpoints and their resume, logging.
 
+The factory is told how the engine will hold the model (:class:`WorkerSetup`): under
+ZeRO-3 it gets the engine's DeepSpeed config and builds its frozen base partitioned from
+the start, so no rank ever holds the whole model (the load of an ordinary module would put
+it whole on every GPU before ``deepspeed.initialize`` partitions it); it also gets whether
+to checkpoint activations and a folder for what it computes once per job.
+
 Determinism and resume (data order, checkpoints every ``checkpoint_every`` steps without
 the frozen base weights, the step log) live in :mod:`recoup.cluster.train_state`; model,
 optimizer and LR-schedule state come back from the DeepSpeed checkpoint.
@@ -31,16 +37,21 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from recoup.cluster.config import ClusterConfig
-from recoup.cluster.engine import EngineConfig, deepspeed_config, lr_factor, use_bf16
+from recoup.cluster.engine import (
+    EngineConfig,
+    deepspeed_config,
+    lr_factor,
+    use_bf16,
+    use_checkpointing,
+)
 from recoup.cluster.progress import attached
 from recoup.cluster.progress import current as current_channel
 from recoup.cluster.train_state import (
@@ -54,36 +65,11 @@ from recoup.cluster.train_state import (
     sample_indices,
     save_checkpoint,
 )
+from recoup.cluster.train_task import TaskFactory, TrainTask, WorkerSetup, match_zero_init
 from recoup.orchestrator.store import TMP_MARK, atomic_write_json, commit_path, tmp_path_for
 
 PARAMS = "params"
 RESULT = "train_result.json"
-
-
-class TrainTask(Protocol):
-    """What a training worker trains. Built inside the worker by the task factory."""
-
-    #: the module DeepSpeed wraps; its trainable parameters have requires_grad
-    module: torch.nn.Module
-
-    def num_samples(self) -> int: ...
-
-    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """The micro-batch of these sample indices, on ``device``."""
-
-    def loss(self, engine: Any, batch: Mapping[str, torch.Tensor],
-             ) -> tuple[torch.Tensor, dict[str, float], int]:
-        """(loss, its parts for logging, tokens in the micro-batch); ``engine(**inputs)``
-        runs the wrapped module."""
-
-    def save(self, folder: Path) -> dict[str, Any]:
-        """Write the trained parameters to ``folder`` (rank 0, parameters gathered).
-
-        Optional: ``param_groups(lr) -> list[dict]``, AdamW parameter groups (each may set
-        its own ``lr``); without it every trainable parameter trains at ``lr``."""
-
-
-TaskFactory = Callable[[Any, torch.device], TrainTask]
 
 
 class TrainingStopped(RuntimeError):
@@ -157,8 +143,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(config["out_dir"])
     ckpt_dir = out_dir / CHECKPOINTS
     torch.manual_seed(engine_cfg.seed)  # the same trainable init on every rank
-    task: TrainTask = config["make_task"](config["task_spec"], device)
     bf16 = use_bf16(engine_cfg, device.type)
+    ds_config = deepspeed_config(engine_cfg, world_size=world, bf16=bf16)
+    setup = WorkerSetup(
+        device=device, rank=rank, world_size=world,
+        zero_init=ds_config if engine_cfg.zero_stage == 3 else None,
+        activation_checkpointing=use_checkpointing(engine_cfg, device.type),
+        micro_batch=engine_cfg.micro_batch, work_dir=out_dir, job_key=config["fingerprint"])
+    task: TrainTask = config["make_task"](config["task_spec"], setup)
+    if setup.zero_init is not None:
+        match_zero_init(task.module, torch.bfloat16 if bf16 else None)
     # a task may give parameter groups with their own peak lr (the schedule scales them all)
     params = task.param_groups(engine_cfg.lr) if hasattr(task, "param_groups") else [
         p for p in task.module.parameters() if p.requires_grad]
@@ -169,8 +163,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         schedule=engine_cfg.schedule))
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=task.module, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(engine_cfg, world_size=world, bf16=bf16),
-        dist_init_required=False,
+        config=ds_config, dist_init_required=False,
     )
     start = 0
     latest = latest_checkpoint(ckpt_dir)
@@ -373,8 +366,9 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
                  cluster: ClusterConfig, device: str, out_dir: Path, fingerprint: str,
                  progress: bool = True, stop_after_steps: int | None = None,
                  crash: CrashHook | None = None) -> dict[str, Any]:
-    """Train ``make_task(task_spec, device)`` under DeepSpeed; resume from ``out_dir``'s
-    checkpoints when they belong to ``fingerprint``. Returns the summary of rank 0.
+    """Train ``make_task(task_spec, setup)`` (``setup``: a :class:`WorkerSetup`) under
+    DeepSpeed; resume from ``out_dir``'s checkpoints when they belong to ``fingerprint``.
+    Returns the summary of rank 0.
 
     ``out_dir`` must be visible to every worker (one machine, or shared storage). On Ray,
     a worker that dies restarts the worker group up to ``cluster.train_max_failures``
@@ -389,7 +383,7 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
     config = {
         "make_task": make_task, "task_spec": task_spec, "engine": engine, "device": device,
         "out_dir": str(out_dir), "progress": progress, "stop_after_steps": stop_after_steps,
-        "crash": crash, "channel": current_channel(),
+        "crash": crash, "channel": current_channel(), "fingerprint": fingerprint,
     }
     if cluster.mode == "inprocess":
         return _run_inprocess(config)
@@ -408,6 +402,7 @@ __all__ = (
     "TaskFactory",
     "TrainTask",
     "TrainingStopped",
+    "WorkerSetup",
     "run_training",
     "train_loop",
 )

@@ -143,6 +143,24 @@ def gpus_for(nbytes: float, usable: float) -> int:
     return max(1, math.ceil(nbytes / usable))
 
 
+def gpus_spread(weights_bytes: int, working_bytes: int, layer_bytes: int,
+                usable: float) -> int | None:
+    """GPUs one worker needs to hold a model whose weights accelerate's ``device_map``
+    spreads over them, each GPU also holding ``working_bytes`` (a batch's activations).
+
+    1 when weights and working set fit one GPU. Otherwise the weights are split in whole
+    layers, so a GPU's share can exceed an even split by up to one layer: each GPU keeps
+    room for the working set and one more layer (``layer_bytes``). None when a GPU cannot
+    hold even that.
+    """
+    if weights_bytes + working_bytes <= usable:
+        return 1
+    room = usable - working_bytes - layer_bytes
+    if room <= 0:
+        return None
+    return max(2, math.ceil(weights_bytes / room))
+
+
 def forward_working_bytes(card: ModelCard, tokens: int, itemsize: int) -> int:
     """Transient tensors of one decoder layer's forward over ``tokens`` tokens: residual,
     normed input, q and attention output, k and v, and gate, up and their product."""

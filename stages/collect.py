@@ -6,14 +6,19 @@ taken at the token(s) ``collect.position`` names (:mod:`recoup.stages.model.capt
 
 Samples are cut into shards of ``samples_per_shard`` in ``triplets.parquet`` order; a pool
 of workers (:func:`recoup.cluster.pool.run_shards`: Ray actors, or one in-process worker)
-loads both models once each and processes shards. A shard writes one Parquet file per layer
-through temporary names, then its marker; see :mod:`recoup.stages.lcc.activations` for the
-layout. The stage is resumable through :class:`recoup.orchestrator.shards.ShardSet`: a shard
-whose marker exists, carries this run's shard key *and* whose layer files still match the
-sizes and sha256 the marker recorded is kept, everything else in the folder is deleted and
-recomputed. The key hashes what changes the numbers (batching, padding, position, dtype,
-shard size, device kind, and the upstream stages' fingerprints), so a shard from another
-config is never mixed in, while a change of worker count reuses every finished shard.
+processes shards. Dense and degraded are never resident together, nor is either whole: a
+shard's dense views run block by block (:mod:`recoup.stages.model.block_capture`: one
+decoder block read from the model's files onto the device at a time, the views' hidden
+states kept between blocks), then its degraded view the same way, so a 70B worker fits
+one GPU; the rows are those of a whole-model forward pass. A shard writes one Parquet
+file per layer through temporary names, then its marker; see
+:mod:`recoup.stages.lcc.activations` for the layout. The stage is resumable through
+:class:`recoup.orchestrator.shards.ShardSet`: a shard whose marker exists, carries this
+run's shard key *and* whose layer files still match the sizes and sha256 the marker
+recorded is kept, everything else in the folder is deleted and recomputed. The key
+hashes what changes the numbers (batching, padding, position, dtype, shard size, device
+kind, and the upstream stages' fingerprints), so a shard from another config is never
+mixed in, while a change of worker count reuses every finished shard.
 
 Inputs are built by :func:`recoup.stages.model.tokenize.tokenize_pair`: q + r views end
 with EOS after the response (version 2; version 1 had no EOS, unlike training). Over-long
@@ -40,11 +45,13 @@ from pydantic import Field
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import store
 from recoup.orchestrator.estimate import (
+    FP32,
     ITEMSIZE,
     EstimateInputs,
     ModelShape,
     StageEstimate,
     forward_working_bytes,
+    gb,
     gpus_for,
     placement_note,
 )
@@ -52,7 +59,8 @@ from recoup.orchestrator.shards import ShardSet
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.stages import data as data_stage
 from recoup.stages.lcc import activations
-from recoup.stages.model import capture, modelio
+from recoup.stages.model import block_capture, capture, modelio
+from recoup.stages.model.block_capture import BlockWeights
 from recoup.stages.model.capture import PaddingSide, Position
 from recoup.stages.model.tokenize import TokenSeq, tokenize_pair
 from recoup.stages.prepare import CARD, MODEL_DIR
@@ -68,7 +76,7 @@ _ITEMSIZE = {"float16": 2, "float32": 4}
 
 class CollectConfig(PoolConfig):
     """Collection settings; the pool keys (workers, GPUs, CPUs, retries) come from
-    :class:`PoolConfig`. Each worker loads both models once."""
+    :class:`PoolConfig`. A worker uses one GPU (one decoder block at a time)."""
 
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     dtype: Literal["float16", "float32"] = Field(
@@ -155,23 +163,14 @@ def padded_tokens(lengths: list[int], batch_size: int) -> int:
                for b in capture.plan_batches(lengths, batch_size))
 
 
-def _load_model(folder: Path, dtype: torch.dtype, device: str, num_gpus: float) -> Any:
-    if num_gpus > 1:
-        # One worker, several GPUs: accelerate places the layers across what Ray granted.
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto",
-                                                     use_safetensors=True)
-        return model.eval()
-    return modelio.load_model(folder, dtype, device)
-
-
 class CollectWorker:
-    """Loads the dense and degraded models once, then computes shards (a pool worker)."""
+    """Computes shards (a pool worker), reading both models block by block from their
+    files (:class:`block_capture.BlockWeights`): no model is ever loaded whole."""
 
     def __init__(self, job: CollectJob) -> None:
         self.job = job
-        device = worker_device(job.num_gpus_per_worker, job.device)
+        # block by block, one GPU holds everything: a worker granted more uses its first
+        self.device = torch.device(worker_device(job.num_gpus_per_worker, job.device))
         dtype = modelio.DTYPES[job.model_dtype]
         self.tokenizer = modelio.load_tokenizer(job.dense_dir)
         pad = self.tokenizer.pad_token_id
@@ -180,10 +179,9 @@ class CollectWorker:
         if len(self.triplets) != job.num_samples:
             raise ValueError(f"{job.triplets_path} has {len(self.triplets)} triplets, the job "
                              f"expects {job.num_samples}")
-        self.models = {
-            "dense": _load_model(job.dense_dir, dtype, device, job.num_gpus_per_worker),
-            "degraded": _load_model(job.degraded_dir, dtype, device, job.num_gpus_per_worker),
-        }
+        self.models = {"dense": BlockWeights(job.dense_dir, dtype),
+                       "degraded": BlockWeights(job.degraded_dir, dtype)}
+        block_capture.check_same_architecture(self.models["dense"], self.models["degraded"])
 
     def compute(self, rows: list[Triplet]) -> tuple[torch.Tensor, dict[str, int]]:
         """Activations of ``rows``: (L, len(VIEWS) * n, H * d_head), view-major rows."""
@@ -198,9 +196,9 @@ class CollectWorker:
             lengths = [len(s.ids) for s in seqs]
             counts["tokens"] += sum(lengths)
             counts["padded_tokens"] += padded_tokens(lengths, job.batch_size)
-            acts = capture.capture_sequences(
+            acts = block_capture.capture_blockwise(
                 model, seqs, batch_size=job.batch_size, pad_id=self.pad_id,
-                padding_side=job.padding_side, position=job.position,
+                padding_side=job.padding_side, position=job.position, device=self.device,
             )  # (L, len(views) * n, W)
             for i, v in enumerate(views):
                 parts[v] = acts[:, i * n:(i + 1) * n]
@@ -309,38 +307,57 @@ def _summary(m: Metrics) -> str:
 
 
 # version 2: q + r views end with EOS (one tokenisation rule with training)
-def collect_parts(shape: ModelShape, batch_size: int, max_length: int) -> dict[str, int]:
-    """Device bytes of one collect worker: both models, and a batch's forward working set
-    at ``data.max_length`` tokens (no KV cache, no logits: the decoder runs alone)."""
+def collect_parts(shape: ModelShape, batch_size: int, max_length: int,
+                  shard_samples: int) -> dict[str, int]:
+    """Device bytes of one collect worker, block by block (:mod:`block_capture`): one
+    decoder block, the hidden states of a shard's dense views (the larger of the two
+    streams: 3 views a sample) with their causal masks (bool) and rotary tables, at
+    ``data.max_length`` tokens each, and one batch's forward working set (no KV cache, no
+    logits: only the decoder blocks run)."""
+    card, item = shape.card, shape.itemsize
+    seqs = shard_samples * sum(VIEW_MODEL[v] == "dense" for v in activations.VIEWS)
     return {
-        "dense + degraded weights": 2 * shape.weights_bytes,
+        "one decoder block": shape.block_bytes,
+        f"hidden states of a shard's {seqs} dense views (x max_length x hidden)":
+            seqs * max_length * card.hidden * item,
+        "their causal masks and rotary tables": seqs * max_length * (
+            max_length + 2 * card.d_head * item),
         "forward working set (batch x max_length)": forward_working_bytes(
-            shape.card, batch_size * max_length, shape.itemsize),
+            card, batch_size * max_length, item),
     }
 
 
 def estimate_collect(inp: EstimateInputs) -> StageEstimate:
-    """Per worker: both models resident and one batch's forward (:func:`collect_parts`);
-    on disk the views of every sample (:func:`activation_bytes_per_sample`)."""
+    """Per worker: one block and a shard's hidden states (:func:`collect_parts`); on the
+    host one block, the embedding and a shard's rows (twice: per view, then joined); on
+    disk the views of every sample (:func:`activation_bytes_per_sample`)."""
     from recoup.cluster.placement import worker_group
 
     c: CollectConfig = inp.config
     data = inp.sections["data"]
-    shape, hw = inp.shape, inp.hardware
-    parts = collect_parts(shape, c.batch_size, data.max_length)
+    shape, hw, card = inp.shape, inp.hardware, inp.shape.card
+    n = data.source.num_samples
+    shard = c.samples_per_shard if n is None else min(c.samples_per_shard, n)
+    parts = collect_parts(shape, c.batch_size, data.max_length, shard)
     dev = sum(parts.values())
     need = gpus_for(dev, hw.usable)
-    per_sample = activation_bytes_per_sample(shape.card, c.dtype)
-    n = data.source.num_samples
+    per_sample = activation_bytes_per_sample(card, c.dtype)
+    rows = card.layers * len(activations.VIEWS) * shard * card.heads * card.d_head * FP32
+    host = shape.block_bytes + card.vocab * card.hidden * shape.itemsize + 2 * rows
     notes = [f"activations on disk: {per_sample / 1e6:.2f} MB per sample "
-             f"({shape.card.layers} layers x {shape.card.heads} heads x {shape.card.d_head} "
-             f"x {len(activations.VIEWS)} views x {ITEMSIZE[c.dtype]} B)"]
+             f"({card.layers} layers x {card.heads} heads x {card.d_head} "
+             f"x {len(activations.VIEWS)} views x {ITEMSIZE[c.dtype]} B)",
+             f"block by block: each shard reads both models' weights once from their files "
+             f"({gb(2 * shape.weights_bytes)}, shared in the node's page cache)"]
     if n is None:
         notes.append("data.source.num_samples is unset (all records): disk total unknown")
     fits = c.num_gpus_per_worker >= need or not inp.on_gpu
     if c.num_gpus_per_worker < need and inp.on_gpu:
-        notes.append(f"needs {need} GPUs per worker (both models resident): set "
-                     f"collect.num_gpus_per_worker={need}")
+        notes.append(f"needs {need} GPU per worker: set collect.num_gpus_per_worker={need}")
+    elif c.num_gpus_per_worker > need and inp.on_gpu:
+        notes.append(f"a worker uses {need} GPU; num_gpus_per_worker="
+                     f"{c.num_gpus_per_worker:g} leaves the rest idle (set {need}, and "
+                     "workers to the GPUs available)")
     gpw = max(c.num_gpus_per_worker, float(need))
     note = placement_note(hw, worker_group(c.workers, gpus=gpw,
                                            cpus=c.num_cpus_per_worker or 1.0))
@@ -348,8 +365,7 @@ def estimate_collect(inp: EstimateInputs) -> StageEstimate:
         notes.append(note)
         fits = False
     return StageEstimate(stage=inp.stage, workers=c.workers, device_bytes=dev,
-                         host_bytes=shape.weights_bytes,
-                         disk_bytes=None if n is None else n * per_sample,
+                         host_bytes=host, disk_bytes=None if n is None else n * per_sample,
                          gpus_config=c.workers * c.num_gpus_per_worker, gpus_min=need,
                          fits=fits, parts=parts, notes=tuple(notes))
 

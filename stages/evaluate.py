@@ -5,9 +5,10 @@ is in the pipeline, the recovered one. Three measurements each:
 
 - perplexity on WikiText-2 test windows (:mod:`recoup.stages.scoring.wikitext`, the pruning
   papers' protocol; ``window_start`` moves the range past windows that tuning saw) and the
-  mean token KL(dense || model) on the same windows. The models run window by window
-  beside the dense one, so the dense logits the KL needs are never stored: memory is two
-  models plus one batch of logits;
+  mean token KL(dense || model) on the same windows, one model resident at a time: the
+  dense one first, writing its float16 log-probs to disk for the others' KL. Memory is
+  one model plus one batch of logits, the model spread over the task's GPUs when larger
+  than one (:func:`recoup.stages.model.modelio.load_model_spread`);
 - zero-shot multiple-choice accuracy (``acc``, ``acc_norm``) on the commonsense tasks,
   scored by lm-evaluation-harness (:mod:`recoup.stages.scoring.zeroshot`). Each model's
   documents are cut into ``zeroshot.shards`` shards that run as Ray tasks
@@ -21,11 +22,12 @@ Cache: every result is stored under ``RUN/.cache/evaluate/<model key>/``, where 
 key is the sha256 of the model's files as its stage manifest records them, and each file
 name carries a hash of the settings it depends on. A re-run after a new recovery
 therefore scores only the recovered model: dense and degraded come from the cache (the
-dense model still runs over the WikiText windows when a new model needs its KL, because
-its logits are never stored). Zero-shot shard files are written by the workers as they
-finish, so a killed evaluation resumes at the first missing shard. The manifest metrics
-say what was computed and what was reused (``cache``); ``results.json`` holds only the
-results, which do not depend on the cache.
+dense model still runs over the WikiText windows when a new model needs its KL: its
+log-probs are kept only while the stage runs). An entry failing its checksum is dropped
+and recomputed (:mod:`recoup.stages.scoring.cache`). Zero-shot shard files are written by
+the workers as they finish, so a killed evaluation resumes at the first missing shard. The
+manifest metrics say what was computed and what was reused (``cache``); ``results.json``
+holds only the results, which do not depend on the cache.
 """
 
 from __future__ import annotations
@@ -43,15 +45,7 @@ from pydantic import Field
 
 from recoup.orchestrator import store
 from recoup.orchestrator.config import StrictModel
-from recoup.orchestrator.estimate import (
-    FP32,
-    EstimateInputs,
-    ModelShape,
-    StageEstimate,
-    forward_working_bytes,
-    gb,
-    gpus_for,
-)
+from recoup.orchestrator.estimate import EstimateInputs, ModelShape, StageEstimate, gb, gpus_spread
 from recoup.orchestrator.rundir import check_text_file, resolve_data_file
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
@@ -59,9 +53,10 @@ from recoup.stages.model import lm_metrics, modelio
 from recoup.stages.prepare import CARD, MODEL_DIR
 from recoup.stages.scoring import zeroshot
 from recoup.stages.scoring.cache import read_checked, write_checked
+from recoup.stages.scoring.footprint import logprobs_disk_bytes, working_parts
 from recoup.stages.scoring.gap import metric_gap_closed
 from recoup.stages.scoring.sparsity import linear_sparsity
-from recoup.stages.scoring.wikitext import evaluate_models, window_range
+from recoup.stages.scoring.wikitext import score_one_at_a_time, window_range
 from recoup.stages.scoring.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
 from recoup.stages.scoring.zeroshot_worker import ShardJob, zeroshot_shard
 
@@ -71,8 +66,11 @@ MODEL_ORDER = ("dense", "degraded", "recovered")
 #: model name -> the stage whose ``model/`` folder it is
 MODEL_STAGES = {"dense": "prepare", "degraded": "degrade", "recovered": "export"}
 CACHE_DIR = Path(".cache") / "evaluate"
+#: the dense log-probs, in the staging folder while the WikiText scoring runs
+DENSE_LOGPROBS = ".dense-logprobs.npy"
 #: Bump when a cached result's meaning changes, to ignore older entries.
-WIKITEXT_CACHE_VERSION = 2
+#: 3: KL against the stored float16 dense log-probs (was the dense logits, run beside)
+WIKITEXT_CACHE_VERSION = 3
 ZEROSHOT_CACHE_VERSION = 2
 #: the driver's bar of zero-shot documents (recoup.cluster.progress)
 ZEROSHOT_BAR = "evaluate:zero-shot"
@@ -160,12 +158,6 @@ def _hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def _read_json(path: Path) -> Any | None:
-    """A cached result; None when absent or bad (dropped with a warning naming it, and
-    recomputed: entries carry their checksum, :mod:`recoup.stages.scoring.cache`)."""
-    return read_checked(path)
-
-
 def data_sha(ctx: StageContext, name: str | None) -> str | None:
     """sha256 of a data file the stage reads: from the runner's digests (cached by size and
     mtime) or, for a stage called directly, hashed here. Cache keys carry it, so changed
@@ -215,7 +207,7 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
                 out = folder / f"shard-{i:03d}-of-{cfg.shards:03d}.json"
                 files.append(out)
                 indices = tuple(zeroshot.shard_indices(chosen, i, cfg.shards))
-                if _read_json(out) is not None:
+                if read_checked(out) is not None:
                     counts[ref.name]["cached"] += 1
                 elif indices:
                     per_shard[i].append(ShardJob(spec=spec, indices=indices, out=out))
@@ -242,7 +234,7 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
     for ref in refs:
         results[ref.name] = {}
         for task, files in plan[ref.name].items():
-            scores = [DocScore.from_json(o) for f in files for o in _read_json(f) or []]
+            scores = [DocScore.from_json(o) for f in files for o in read_checked(f) or []]
             results[ref.name][task] = zeroshot.summarize_task(scores)
     return results, counts
 
@@ -250,10 +242,12 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
 # --------------------------------------------------------------------------- wikitext
 
 
-def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache: Path,
-                 ) -> tuple[dict[str, dict[str, float]], dict[str, str], int]:
-    """Perplexity and KL to dense of every model, computing only what the cache lacks.
-    Returns the results, per model ``"cached"``/``"computed"``, and the window count."""
+def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], card: modelio.ModelCard,
+                 cache: Path) -> tuple[dict[str, dict[str, float]], dict[str, str], int]:
+    """Perplexity and KL to dense of every model, computing only what the cache lacks, one
+    model resident at a time (:func:`score_one_at_a_time`; each result is cached as soon
+    as its model finishes). Returns the results, per model ``"cached"``/``"computed"``,
+    and the window count."""
     cfg: EvaluateConfig = ctx.config
     dense_ref = next(r for r in refs if r.name == "dense")
     wkey = _hash({"wikitext": cfg.wikitext, "seq_len": cfg.seq_len,
@@ -261,26 +255,31 @@ def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], dtype: str, cache:
                   "data": data_sha(ctx, cfg.wikitext), "version": WIKITEXT_CACHE_VERSION})
     paths = {r.name: cache / r.key / f"wikitext-{wkey}-kl-{dense_ref.key[:16]}.json"
              for r in refs}
-    cached = {r.name: _read_json(paths[r.name]) for r in refs}
+    cached = {r.name: read_checked(paths[r.name]) for r in refs}
     todo = [r for r in refs if cached[r.name] is None]
     state = {r.name: ("computed" if cached[r.name] is None else "cached") for r in refs}
     if todo:
-        device = torch.device(ctx.device)
-        torch_dtype = modelio.DTYPES[dtype]
+        torch_dtype = modelio.DTYPES[card.dtype]
         wikitext = resolve_data_file(cfg.wikitext, ctx.data_dir())
         assert wikitext is not None
         check_text_file(wikitext, "evaluate.wikitext")
         text = lm_metrics.read_wikitext(wikitext)
-        tokenizer = modelio.load_tokenizer(dense_ref.folder)
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        ids = torch.tensor(modelio.load_tokenizer(dense_ref.folder)(text)["input_ids"])
         wins = window_range(ids, cfg.seq_len, cfg.window_start, cfg.max_windows)  # (W, seq_len)
-        dense = modelio.load_model(dense_ref.folder, torch_dtype, str(device))
-        models = {r.name: dense if r is dense_ref
-                  else modelio.load_model(r.folder, torch_dtype, str(device)) for r in todo}
-        fresh = evaluate_models(models, dense, wins, cfg.batch_size, device, ctx.progress)
-        for name, res in fresh.items():
+        folders = {r.name: r.folder for r in refs}
+        reserve = sum(working_parts(card, batch_size=cfg.batch_size,
+                                    seq_len=cfg.seq_len).values())
+
+        def load(name: str) -> Any:
+            return modelio.load_model_spread(folders[name], torch_dtype, ctx.device,
+                                             reserve_bytes=reserve)
+
+        def done(name: str, res: dict[str, float]) -> None:
             cached[name] = {**res, "windows": int(wins.shape[0])}
             write_checked(paths[name], cached[name])
+
+        score_one_at_a_time(load, [r.name for r in todo], "dense", wins, cfg.batch_size,
+                            ctx.out_dir / DENSE_LOGPROBS, done=done, progress=ctx.progress)
     windows = int(cached["dense"]["windows"])
     return ({n: {"ppl": c["ppl"], "kl_to_dense": c["kl_to_dense"]} for n, c in cached.items()},
             state, windows)
@@ -354,45 +353,50 @@ def _summary(m: Metrics) -> str:
     return ", ".join(parts)
 
 
-def evaluate_parts(shape: ModelShape, cfg: EvaluateConfig, models: int) -> dict[str, int]:
-    """Device bytes of evaluate: every compared model resident, KV cache, two logits."""
-    card, item = shape.card, shape.itemsize
-    tokens = cfg.batch_size * cfg.seq_len
-    return {
-        f"{models} models (dense, degraded{', recovered' if models == 3 else ''})":
-            models * shape.weights_bytes,
-        "KV cache of a batch": 2 * card.layers * tokens * card.kv_heads * card.d_head * item,
-        "forward working set": forward_working_bytes(card, tokens, item),
-        "logits of dense and model, float32 log-softmax of both": tokens * card.vocab * (
-            2 * item + 2 * FP32),
-    }
+def evaluate_parts(shape: ModelShape, cfg: EvaluateConfig) -> dict[str, int]:
+    """Device bytes of evaluate: one model's weights (the models run one at a time) and
+    one batch's working set (:func:`recoup.stages.scoring.footprint.working_parts`)."""
+    return {"one model (the models run one at a time)": shape.weights_bytes,
+            **working_parts(shape.card, batch_size=cfg.batch_size, seq_len=cfg.seq_len)}
 
 
 def estimate_evaluate(inp: EstimateInputs) -> StageEstimate:
-    """Device: the compared models together on one device (:func:`evaluate_parts`)."""
+    """Device: one model plus one batch (:func:`evaluate_parts`), the model spread over
+    the task's GPUs when it does not fit one (:func:`gpus_spread`). Disk: the dense
+    log-probs, held while the stage runs (:func:`footprint.logprobs_disk_bytes`)."""
     cfg: EvaluateConfig = inp.config
     shape, hw = inp.shape, inp.hardware
     _, gpus = inp.task_resources
-    parts = evaluate_parts(shape, cfg, 3 if "export" in inp.pipeline else 2)
+    parts = evaluate_parts(shape, cfg)
     dev = sum(parts.values())
-    fits = dev <= hw.usable
-    notes = []
-    if not fits:
-        notes.append(f"needs {gpus_for(dev, hw.usable)} GPUs' memory, but evaluate runs all "
-                     "models on one device (model parallelism or one model at a time needed)")
-    if gpus < 1 and inp.device != "cpu":
-        notes.append("set cluster.stages.evaluate.gpus=1 (its task asks for no GPU)")
-    zs = cfg.zeroshot
-    if zs.tasks:
-        notes.append(f"zero-shot: {zs.shards} shard tasks per model, each loading one model "
-                     f"({gb(shape.weights_bytes)})")
+    need = gpus_spread(shape.weights_bytes, dev - shape.weights_bytes, shape.block_bytes,
+                       hw.usable)
+    disk = logprobs_disk_bytes(shape.card, seq_len=cfg.seq_len, window_start=cfg.window_start,
+                               max_windows=cfg.max_windows)
+    notes = [f"{3 if 'export' in inp.pipeline else 2} models scored in turn, one resident at "
+             f"a time; the dense log-probs take {gb(disk)} of disk while the stage runs "
+             "(float16, windows x seq_len x vocab; removed after)"]
+    fits = need is not None and need <= hw.gpus_per_node
+    if need is None:
+        notes.append("a GPU cannot hold one decoder block beside a batch's working set")
+    elif need > 1:
+        notes.append(f"one model ({gb(shape.weights_bytes)}) is larger than one GPU: spread over "
+                     f"{need} GPUs by accelerate's device_map (about "
+                     f"{gb(shape.weights_bytes / need + dev - shape.weights_bytes)} each)"
+                     + ("" if fits else f", more than a node's {hw.gpus_per_node}"))
+    if need is not None and gpus < need and inp.device != "cpu":
+        fits = False
+        notes.append(f"set cluster.stages.evaluate.gpus={need} (its task asks for {gpus:g})")
+    if cfg.zeroshot.tasks:
+        notes.append(f"zero-shot: {cfg.zeroshot.shards} shard tasks per model, each loading "
+                     f"one model ({gb(shape.weights_bytes)}), spread like the above")
     return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev,
-                         host_bytes=shape.weights_bytes, disk_bytes=None, gpus_config=gpus,
-                         gpus_min=1 if fits else None, fits=fits, parts=parts,
-                         notes=tuple(notes))
+                         host_bytes=shape.weights_bytes, disk_bytes=disk, gpus_config=gpus,
+                         gpus_min=need, fits=fits, parts=parts, notes=tuple(notes))
 
 
-@register_stage(name="evaluate", version=3, requires=("prepare", "degrade"),
+# version 4: one model resident at a time; KL against the stored float16 dense log-probs
+@register_stage(name="evaluate", version=4, requires=("prepare", "degrade"),
                 optional=("export",), summarize=_summary, report=format_table,
                 estimate=estimate_evaluate)
 def evaluate(ctx: StageContext) -> Metrics:
@@ -409,7 +413,7 @@ def evaluate(ctx: StageContext) -> Metrics:
     models: dict[str, dict[str, Any]] = {r.name: {} for r in refs}
     for ref in refs:
         facts_path = cache / ref.key / "model.json"
-        facts = _read_json(facts_path)
+        facts = read_checked(facts_path)
         if facts is None:
             facts = linear_sparsity(ref.folder)
             write_checked(facts_path, facts)
@@ -426,7 +430,7 @@ def evaluate(ctx: StageContext) -> Metrics:
             report[name]["zeroshot_shards"] = counts[name]
 
     t0 = time.perf_counter()
-    wiki, wiki_state, n_windows = run_wikitext(ctx, refs, card.dtype, cache)
+    wiki, wiki_state, n_windows = run_wikitext(ctx, refs, card, cache)
     timing["wikitext"] = time.perf_counter() - t0
     for name, res in wiki.items():
         models[name].update(res)

@@ -8,6 +8,12 @@
   degraded model by plain peft it runs *unmasked* (a different, denser model than the
   trained one). Without a mask file (fake quantization) the mask is the weight's non-zero
   pattern, in training and here alike.
+- With ``train.lora.merge: none`` (EoRA's form) the adapter stays unmerged: the base
+  weights keep their zeros untouched and ``adapter_config.json`` +
+  ``adapter_model.safetensors`` sit beside them in ``model/``, which ``transformers`` loads
+  as the base with the adapter attached (its peft integration). The adapter is a dense
+  low-rank branch (``r (in + out)`` multiply-adds per token per linear); a masked merge
+  would erase it where the compression error lives (on the pruned positions).
 - Compensation is folded into an ``o_proj`` bias ``W_o c`` with the weight the model
   runs with (degraded, plus the masked LoRA delta when ``o_proj`` has an adapter). The
   config gets ``attention_bias: true`` and q/k/v (and untouched o) biases of zero, which
@@ -106,11 +112,32 @@ def merge_lora(model: Any, adapter_dir: Path, masks_file: Path | None) -> tuple[
     return peft_model.unload(), merged
 
 
-def fold_compensation(model: Any, comp: Compensation) -> list[int]:
+def o_proj_deltas(model: Any, adapter_dir: Path) -> dict[int, torch.Tensor]:
+    """Layer -> ``scale * B A`` (out, in) of the adapter on that layer's ``o_proj``: what an
+    unmerged adapter adds to the weight the compensation is folded through."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    deltas: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in lora_layers(peft_model).items():
+            if not name.endswith("o_proj"):
+                continue
+            layer = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+            deltas[layer] = sum(module.get_delta_weight(a) for a in module.active_adapters
+                                if a in module.lora_A).detach().clone()
+    peft_model.unload()  # the adapters come off; the base weights were never touched
+    return deltas
+
+
+def fold_compensation(model: Any, comp: Compensation,
+                      extra: dict[int, torch.Tensor] | None = None) -> list[int]:
     """Give every attention projection a bias (zeros) and fold ``comp`` into ``o_proj``'s.
 
-    Returns the layers whose ``o_proj`` bias is non-zero. Sets ``attention_bias`` in the
-    config so that a plain ``from_pretrained`` builds (and loads) these biases.
+    ``extra``: layer -> a delta the ``o_proj`` weight runs with beside its own (an unmerged
+    adapter's ``scale * B A``, which sees the compensated input too). Returns the layers
+    whose ``o_proj`` bias is non-zero. Sets ``attention_bias`` in the config so that a
+    plain ``from_pretrained`` builds (and loads) these biases.
     """
     if model.config.model_type not in BIAS_CAPABLE:
         raise ValueError(
@@ -126,10 +153,37 @@ def fold_compensation(model: Any, comp: Compensation) -> list[int]:
                     torch.zeros(proj.out_features, dtype=proj.weight.dtype,
                                 device=proj.weight.device), requires_grad=False)
         if i in vectors:
+            w = o_projs[i].weight
+            if extra and i in extra:
+                w = w + extra[i].to(w)
             with torch.no_grad():
-                o_projs[i].bias.add_(fold_bias(o_projs[i].weight, vectors[i].to(o_projs[i].weight)))
+                o_projs[i].bias.add_(fold_bias(w, vectors[i].to(w)))
     model.config.attention_bias = True
     return sorted(vectors)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def embed_adapter(adapter_dir: Path, model_dir: Path) -> int:
+    """Put an unmerged adapter beside the base weights in ``model_dir``; returns its
+    parameter count. ``transformers`` loads a folder holding ``config.json`` and
+    ``adapter_config.json`` as the local base model with the adapter attached (its peft
+    integration), so the exported folder stays one plain ``from_pretrained`` away."""
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{adapter_dir} lacks {', '.join(missing)}")
+    for f in ADAPTER_FILES:
+        shutil.copyfile(adapter_dir / f, model_dir / f)
+    with safe_open(str(model_dir / ADAPTER_FILES[1]), "pt") as f:
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _read_comp(params: Path, n_heads: int) -> Compensation:
@@ -148,11 +202,13 @@ def _check_ids(cfg: ExportConfig, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def trained_logits(degraded_dir: Path, params: Path, masks_file: Path | None, n_heads: int,
-                   dtype: torch.dtype, ids: torch.Tensor) -> torch.Tensor:
+                   dtype: torch.dtype, ids: torch.Tensor, *, masked: bool = True,
+                   ) -> torch.Tensor:
     """Logits of the trained model (:func:`load_recovered`: the degraded model with the
     trained parameters attached as training ran them) on ``ids``."""
     base = modelio.load_model(degraded_dir, dtype)
-    trained = load_recovered(base, params, n_heads=n_heads, masks_file=masks_file)
+    trained = load_recovered(base, params, n_heads=n_heads, masks_file=masks_file,
+                             masked=masked)
     return trained(input_ids=ids).float()
 
 
@@ -176,9 +232,11 @@ def export_stage(ctx: StageContext) -> Metrics:
     dtype = modelio.DTYPES[card.dtype]
     degrade_dir = ctx.input("degrade")
     probe = _check_ids(cfg, card.vocab)
+    has_lora = (params / LORA_DIR).is_dir()
+    unmerged = has_lora and summary.get("lora_merge", "masked") == "none"
     # the trained model, loaded apart (and dropped) before the model that gets merged
     reference = trained_logits(degrade_dir / MODEL_DIR, params, degrade_dir / MASKS,
-                               card.heads, dtype, probe)
+                               card.heads, dtype, probe, masked=not unmerged)
     model = modelio.load_model(degrade_dir / MODEL_DIR, dtype)
     tokenizer = modelio.load_tokenizer(degrade_dir / MODEL_DIR)
     zeros_before = zero_counts(model)
@@ -188,8 +246,8 @@ def export_stage(ctx: StageContext) -> Metrics:
         "base_params": summary["base_params"],
         "trainable_fraction": summary["trainable_fraction"],
     }
-    has_lora = (params / LORA_DIR).is_dir()
-    if has_lora:
+    metrics["lora_merge"] = summary.get("lora_merge", "masked") if has_lora else None
+    if has_lora and not unmerged:
         model, metrics["lora_merged_modules"] = merge_lora(model, params / LORA_DIR,
                                                            degrade_dir / MASKS)
     comp = None
@@ -197,12 +255,15 @@ def export_stage(ctx: StageContext) -> Metrics:
         comp = _read_comp(params, card.heads)
         metrics["lcc_heads"] = len(comp.chosen)
     if comp is not None:
-        metrics["folded_layers"] = fold_compensation(model, comp)
+        extra = o_proj_deltas(model, params / LORA_DIR) if unmerged else None
+        metrics["folded_layers"] = fold_compensation(model, comp, extra)
     zeros_after = zero_counts(model)
     changed = [n for n in zeros_before if zeros_after[n] != zeros_before[n]]
     if changed:
         raise ValueError(f"export would change the zero count of {changed[:3]}; refusing")
     modelio.save_model(model, tokenizer, ctx.out_dir / MODEL_DIR)
+    if unmerged:
+        metrics["adapter_params"] = embed_adapter(params / LORA_DIR, ctx.out_dir / MODEL_DIR)
     # A failed check leaves no manifest, so the written folder never counts as an output.
     diff = _max_logit_diff(reference, ctx.out_dir / MODEL_DIR, dtype, probe)
     allowed = cfg.atol + cfg.rtol * float(reference.abs().max())

@@ -25,14 +25,21 @@ workers run :func:`recoup.stages.recovery.task.build_task`. The stage is *resuma
 runner keeps its folder after a crash, and training continues from the last DeepSpeed
 checkpoint of the same job (the stage's fingerprint, device and cluster mode).
 
+With the KL on (``train.loss.kl_weight``), the workers first run the dense model once over
+the samples and keep its top-k per position (:mod:`recoup.stages.recovery.teacher`); the
+student is built after, so no worker holds both. Under ZeRO-3 every model is built
+partitioned (:mod:`recoup.stages.model.partitioned`): no worker ever holds a whole one.
+
 Outputs: ``params/`` (``lcc.safetensors``, ``lora/`` PEFT adapter, ``recovery.json``),
-``checkpoints/``, ``log.jsonl``, ``train_result.json``.
+``checkpoints/``, ``log.jsonl``, ``train_result.json``, and with the KL ``teacher/`` (the
+top-k files).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +47,12 @@ import torch
 from pydantic import Field, field_validator
 
 from recoup.cluster import capacity
-from recoup.cluster.engine import EngineConfig
+from recoup.cluster.engine import EngineConfig, use_bf16, use_checkpointing
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.estimate import (
+    FP32,
     GB,
     EstimateInputs,
     ModelShape,
@@ -75,9 +83,11 @@ from recoup.stages.sensitivity import read_sensitivity
 from recoup.stages.text.datasources import Sample
 from recoup.stages.text.triplets import read_parquet
 
-STAGE_VERSION = 2
+STAGE_VERSION = 3
 """2: LoRA trains under the sparsity mask; training-free methods; closed-form / EoRA inits;
-the job key is the runner's fingerprint."""
+the job key is the runner's fingerprint. 3: the KL reads the dense model's top-k computed
+before training (train.loss.teacher_top_k; 0 is the former exact KL); ZeRO-3 builds the
+model partitioned; activation checkpointing (train.engine.activation_checkpointing)."""
 SAMPLES_FILE = "samples.parquet"
 
 
@@ -155,6 +165,9 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
         encoded = [e for e in encoded if len(e.ids) > e.prompt_len]
     if not encoded:
         raise ValueError("no training sample has response tokens within train.max_seq_len")
+    if cfg.loss.kl_weight and cfg.loss.teacher_top_k > card.vocab:
+        raise ValueError(f"train.loss.teacher_top_k={cfg.loss.teacher_top_k} exceeds the "
+                         f"model's vocabulary of {card.vocab} tokens")
     facts: dict[str, Any] = {"samples": len(encoded)}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     job: dict[str, Any] = {
@@ -192,6 +205,8 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
         if cfg.lora.layers == "auto":
             layers, errors, facts["layers_from"] = auto_lora_layers(ctx, encoded, pad, card)
             facts["layer_errors"] = [round(float(e), 6) for e in errors]
+        elif cfg.lora.layers == "all":
+            layers = tuple(range(card.layers))
         else:
             layers = tuple(cfg.lora.layers)
         job.update(lora=cfg.lora.spec(), lora_layers=tuple(sorted(layers)))
@@ -216,6 +231,7 @@ def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, An
         heads=job["chosen"] if lcc_fit else None,
         eora_layers=job["lora_layers"] if eora_fit else None, targets=cfg.lora.targets,
         rank=cfg.lora.rank, alpha=cfg.lora.alpha, masks_file=job["masks_file"],
+        masked=cfg.lora.merge == "masked",
         calibration=[e.ids for e in encoded[: cf.samples]], pad_id=job["pad_id"],
         device=ctx.device, micro_batch=cf.micro_batch, offload=cf.offload,
         eig_rtol=cf.eig_rtol, progress=ctx.progress)
@@ -283,32 +299,85 @@ def train_stage(ctx: StageContext) -> Metrics:
     return metrics
 
 
+def _teacher_top_k(cfg: TrainConfig) -> int | None:
+    """None: no KL; 0: the exact KL (teacher resident); k: the cached top-k."""
+    return cfg.loss.teacher_top_k if cfg.loss.kl_weight > 0 else None
+
+
 def train_parts(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
                 heads: int) -> dict[str, int]:
     """Device bytes of one training worker (one GPU) under the configured ZeRO stage
     (:func:`recoup.cluster.capacity.zero_worker_parts`); ``heads``: the heads select keeps
-    (compensated by the lcc methods)."""
+    (compensated by the lcc methods). A plan is for a GPU run: activation checkpointing
+    and bf16 as ``auto`` resolves them on GPU."""
     method = get_method(cfg.method)
     lora = cfg.lora
     return capacity.zero_worker_parts(
         shape, cfg.engine, world_size, tokens=cfg.engine.micro_batch * cfg.max_seq_len,
         heads=heads if method.needs_heads else 0,
         lora=capacity.LoraShape(
-            layers=lora.auto_layers if lora.layers == "auto" else len(lora.layers),
+            layers={"auto": lora.auto_layers, "all": shape.card.layers}.get(
+                lora.layers, len(lora.layers)) if isinstance(lora.layers, str)
+            else len(lora.layers),
             rank=lora.rank, targets=tuple(lora.targets)) if method.uses_lora else None,
-        teacher=cfg.loss.kl_weight > 0)
+        teacher_top_k=_teacher_top_k(cfg),
+        checkpointing=use_checkpointing(cfg.engine, "cuda"))
+
+
+def teacher_pass_parts(shape: ModelShape, cfg: TrainConfig,
+                       world_size: int) -> dict[str, int] | None:
+    """Device bytes of the teacher pass before training (None: no cached teacher)."""
+    k = _teacher_top_k(cfg)
+    if not k:
+        return None
+    return capacity.teacher_pass_parts(shape, cfg.engine, world_size,
+                                       tokens=cfg.engine.micro_batch * cfg.max_seq_len, top_k=k)
+
+
+def worker_peak(shape: ModelShape, cfg: TrainConfig, world_size: int, *, heads: int) -> int:
+    """A worker's device peak: training, or the teacher pass before it when larger."""
+    teacher = teacher_pass_parts(shape, cfg, world_size)
+    return max(sum(train_parts(shape, cfg, world_size, heads=heads).values()),
+               sum(teacher.values()) if teacher else 0)
 
 
 def min_world_size(shape: ModelShape, cfg: TrainConfig, usable: float, *,
                    heads: int) -> int | None:
-    """Fewest training workers whose per-GPU bytes fit ``usable``; None if none does."""
+    """Fewest training workers whose per-GPU peak fits ``usable``; None if none does."""
     return capacity.min_world_size(
-        lambda world: train_parts(shape, cfg, world, heads=heads), usable)
+        lambda world: {"peak": worker_peak(shape, cfg, world, heads=heads)}, usable)
+
+
+def train_host_bytes(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
+                     heads: int) -> tuple[int, str]:
+    """Host bytes of one worker and what they are. ZeRO-3: rank 0 reads one module's
+    tensors at a time (the largest: the embeddings or LM head, or a linear), plus the
+    offloaded shares and the chosen heads' V the job carries; ZeRO 0-2: the whole model,
+    loaded on the host before it moves to the GPU. The exact KL's resident teacher adds a
+    whole model loaded through the host."""
+    card, eng = shape.card, cfg.engine
+    v_bytes = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
+        else 0
+    if _teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
+        v_bytes += shape.weights_bytes
+    if eng.zero_stage != 3:
+        return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
+    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
+    host = largest * shape.itemsize + v_bytes
+    what = "partitioned load: rank 0 reads one module's tensors at a time"
+    item = 2 if use_bf16(eng, "cuda") else FP32
+    if eng.offload_params:
+        host += math.ceil(shape.params * item / world_size)
+        what += ", plus its share of the offloaded weights"
+    if eng.offload_optimizer:
+        what += " (Adam state offloaded too, small: only the recovery parameters train)"
+    return host, what
 
 
 def estimate_train(inp: EstimateInputs) -> StageEstimate:
-    """Per GPU under ZeRO (:func:`train_parts`), the fewest workers that fit, and the load
-    peak: each worker loads the whole model before ZeRO-3 partitions it."""
+    """Per GPU under ZeRO (:func:`train_parts`; the teacher pass before training when the KL
+    reads a cached top-k), the fewest workers that fit, host memory while loading
+    (:func:`train_host_bytes`) and the teacher's top-k file on disk."""
     from recoup.cluster.placement import worker_group
 
     cfg: TrainConfig = inp.config
@@ -319,31 +388,34 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
     eng = cfg.engine
     w = eng.workers
     parts = train_parts(shape, cfg, w, heads=heads)
-    dev = sum(parts.values())
+    dev = worker_peak(shape, cfg, w, heads=heads)
     least = min_world_size(shape, cfg, hw.usable, heads=heads)
     notes = []
+    teacher = teacher_pass_parts(shape, cfg, w)
+    disk = None
+    if teacher:
+        notes.append(f"teacher pass before training (dense model, then freed): "
+                     f"{sum(teacher.values()) / GB:.1f} GB per GPU")
+        n = cfg.max_samples or inp.sections["data"].source.num_samples
+        if n is not None:
+            disk = capacity.teacher_file_bytes(n * cfg.max_seq_len, cfg.loss.teacher_top_k)
+    elif _teacher_top_k(cfg) == 0:
+        notes.append("exact KL: the whole dense model on every worker "
+                     "(train.loss.teacher_top_k > 0 computes its top-k before training)")
     fits = dev <= hw.usable
     if not fits:
         notes.append(f"{w} workers are too few: train.engine.workers >= {least}"
                      if least else "does not fit at any world size")
-    load_peak = shape.weights_bytes
-    if load_peak > hw.usable and inp.on_gpu:
-        fits = False
-        least = None
-        notes.append(f"load peak {load_peak / GB:.1f} GB per GPU: each worker loads the whole "
-                     "model onto its GPU before ZeRO-3 partitions it; needs a partitioned "
-                     "load (deepspeed.zero.Init / meta-device init)")
     note = placement_note(hw, worker_group(w, gpus=1, cpus=eng.cpus_per_worker))
     if note:
         notes.append(note)
         fits = False
-    notes.append(f"host: {shape.weights_bytes / GB:.1f} GB per worker while loading "
-                 f"({hw.gpus_per_node} workers per node: "
-                 f"{hw.gpus_per_node * shape.weights_bytes / GB:.0f} GB per node)")
-    return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev,
-                         host_bytes=shape.weights_bytes, disk_bytes=None,
-                         gpus_config=w if inp.on_gpu else 0, gpus_min=least, fits=fits,
-                         parts=parts, notes=tuple(notes))
+    host, what = train_host_bytes(shape, cfg, w, heads=heads)
+    notes.append(f"host: {host / GB:.1f} GB per worker ({what}); {hw.gpus_per_node} workers "
+                 f"per node: {hw.gpus_per_node * host / GB:.0f} GB per node")
+    return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev, host_bytes=host,
+                         disk_bytes=disk, gpus_config=w if inp.on_gpu else 0, gpus_min=least,
+                         fits=fits, parts=parts, notes=tuple(notes))
 
 
 register_stage(name="train", version=STAGE_VERSION, resumable=True,

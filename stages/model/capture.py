@@ -16,8 +16,9 @@ length-dependent positions would compute something else), and the per-sample tok
 selection. Left and right padding and any batch composition therefore give the same rows
 up to floating-point rounding.
 
-The same functions serve a direct single-process forward pass and the collect workers:
-:func:`plan_batches` -> :func:`pad_batch` -> :func:`capture_batch`.
+The same functions serve a direct single-process forward pass (:func:`plan_batches` ->
+:func:`pad_batch` -> :func:`capture_batch`) and the collect workers, which run the same
+batches one decoder block at a time (:mod:`recoup.stages.model.block_capture`).
 """
 
 from __future__ import annotations

@@ -224,3 +224,68 @@ def check_same_architecture(dense: Any, other: Any, where: str) -> None:
                 f"{where}: parameter {k} has shape {tuple(b[k].shape)}, "
                 f"the dense model has {tuple(a[k].shape)}"
             )
+
+
+#: Share of each GPU's free memory that :func:`load_model_spread` leaves unplaced: the
+#: allocator's fragmentation and library workspaces (as ``recoup plan``'s headroom).
+SPREAD_HEADROOM = 0.10
+
+
+def stored_weight_bytes(folder: Path) -> int:
+    """Bytes of a saved model's safetensors files: its weights as loaded, since recoup
+    saves and loads a model in the same dtype."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors files (not a model recoup wrote)")
+    return sum(f.stat().st_size for f in files)
+
+
+def spread_budget(model_bytes: int, free_bytes: list[int], *, reserve_bytes: int = 0,
+                  headroom: float = SPREAD_HEADROOM) -> dict[int, int] | None:
+    """accelerate's ``max_memory`` (GPU index -> bytes) for a model that does not fit the
+    first GPU; None when it does, or when there is only one GPU (nothing to spread over).
+
+    Each GPU offers its free memory less ``headroom`` and less ``reserve_bytes``, which the
+    forward pass needs beside the weights on every GPU (activations; logits on the last).
+    A model larger than all of them together is an error: offloading to the CPU would
+    run, but hours slower, so the caller is told to ask for more GPUs instead.
+    """
+    usable = [max(0, int(f * (1.0 - headroom)) - reserve_bytes) for f in free_bytes]
+    if len(usable) < 2 or model_bytes <= usable[0]:
+        return None
+    if model_bytes > sum(usable):
+        raise ValueError(
+            f"the model's {model_bytes / 1e9:.1f} GB of weights do not fit the {len(usable)} "
+            f"visible GPUs ({sum(usable) / 1e9:.1f} GB usable after the working set): give "
+            "the task more GPUs")
+    return dict(enumerate(usable))
+
+
+def load_model_spread(folder: Path, dtype: torch.dtype, device: str = "cpu", *,
+                      reserve_bytes: int = 0) -> Any:
+    """:func:`load_model`, or, on CUDA with more than one visible GPU and a model that does
+    not fit the first, the model spread over every visible GPU with accelerate's
+    ``device_map="auto"`` (layers placed in order, each GPU filled to its
+    :func:`spread_budget`). Inputs go to ``model.get_input_embeddings()``'s device; the
+    logits come out on the last GPU. One worker can thus evaluate a model larger than one
+    GPU without model-parallel code of its own."""
+    if torch.device(device).type != "cuda" or torch.cuda.device_count() < 2:
+        return load_model(folder, dtype, device)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    try:
+        budget = spread_budget(stored_weight_bytes(folder), free, reserve_bytes=reserve_bytes)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+    if budget is None:
+        return load_model(folder, dtype, device)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                 device_map="auto", max_memory=budget)
+    return model.eval()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's input ids go: its embedding's device (the first GPU of a model
+    spread by :func:`load_model_spread`)."""
+    return model.get_input_embeddings().weight.device  # type: ignore[no-any-return]

@@ -8,7 +8,8 @@ it is trained on. One module, so there is one encoding and one padding rule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from recoup.stages.model.tokenize import tokenize_pair
-from recoup.stages.recovery.losses import response_target_mask
+from recoup.stages.recovery.losses import TeacherTopK, response_target_mask
 
 
 @dataclass(frozen=True)
@@ -48,4 +49,30 @@ def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
             "target_mask": response_target_mask(prompt, lengths, t)}
 
 
-__all__ = ("Encoded", "collate", "encode_sample")
+def pad_topk(rows: Sequence[TeacherTopK], seq_len: int, k: int) -> dict[str, Tensor]:
+    """Each sample's teacher top-k rows (L_i, k) stacked and right-padded to ``seq_len``:
+    ``teacher_ids`` (B, T, k) int64, ``teacher_logprobs`` (B, T, k), ``teacher_tail`` (B, T).
+
+    A padded position holds a valid distribution (uniform over tokens ``0..k-1``, no tail)
+    so every term of the KL stays finite there; the position mask leaves it out.
+    """
+    b = len(rows)
+    ids = torch.arange(k).expand(b, seq_len, k).clone()  # (B, T, k)
+    logprobs = torch.full((b, seq_len, k), -math.log(k))  # (B, T, k)
+    tail = torch.full((b, seq_len), float("-inf"))  # (B, T)
+    for i, r in enumerate(rows):
+        n = min(len(r.tail), seq_len)
+        ids[i, :n] = r.ids[:n]
+        logprobs[i, :n] = r.logprobs[:n].float()
+        tail[i, :n] = r.tail[:n].float()
+    return {"teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}
+
+
+def topk_of(batch: Mapping[str, Tensor]) -> TeacherTopK | None:
+    """The teacher top-k a :func:`pad_topk` batch carries (None when it has none)."""
+    if "teacher_ids" not in batch:
+        return None
+    return TeacherTopK(batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"])
+
+
+__all__ = ("Encoded", "collate", "encode_sample", "pad_topk", "topk_of")

@@ -20,7 +20,13 @@ from recoup.orchestrator.config import StrictModel
 from recoup.stages.lcc.compensation import DEFAULT_INIT_STD
 from recoup.stages.model.layout import LINEAR_TARGETS
 from recoup.stages.recovery.eora import EIG_RTOL
-from recoup.stages.recovery.job import LccInit, LccSpec, LoraSpec, LossSpec
+from recoup.stages.recovery.job import (
+    DEFAULT_TEACHER_TOP_K,
+    LccInit,
+    LccSpec,
+    LoraSpec,
+    LossSpec,
+)
 from recoup.stages.recovery.losses import KlPositions
 from recoup.stages.recovery.training_free import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_MICRO_BATCH
 
@@ -33,8 +39,15 @@ class LossConfig(StrictModel):
     )
     kl_weight: float = Field(
         0.0, ge=0.0,
-        description="Weight of KL(dense || degraded) on the logits; > 0 loads the dense model "
-        "as teacher in every training worker.",
+        description="Weight of KL(dense || degraded) on the logits; > 0 runs the dense model "
+        "as teacher: once before training (teacher_top_k > 0) or beside the student.",
+    )
+    teacher_top_k: int = Field(
+        DEFAULT_TEACHER_TOP_K, ge=0,
+        description="KL on the dense model's top-k tokens per position plus one tail bucket, "
+        "computed once before training (the teacher is never resident beside the student; "
+        "a lower bound of the exact KL, equal at k = vocabulary). 0: the exact full-"
+        "vocabulary KL with the whole dense model loaded in every training worker.",
     )
     temperature: float = Field(
         1.0, gt=0.0, description="Softmax temperature of the KL; the KL is scaled by T^2."
@@ -52,7 +65,8 @@ class LossConfig(StrictModel):
 
     def spec(self) -> LossSpec:
         return LossSpec(ce_weight=self.ce_weight, kl_weight=self.kl_weight,
-                        temperature=self.temperature, kl_on=self.kl_on)
+                        temperature=self.temperature, kl_on=self.kl_on,
+                        teacher_top_k=self.teacher_top_k)
 
 
 class LccConfig(StrictModel):
@@ -84,9 +98,9 @@ class LccConfig(StrictModel):
 class LoraAdapterConfig(StrictModel):
     """LoRA adapters (``peft``) on some decoder layers."""
 
-    layers: tuple[int, ...] | Literal["auto"] = Field(
+    layers: tuple[int, ...] | Literal["auto", "all"] = Field(
         "auto",
-        description="Decoder layers that get adapters: a list of indices, or 'auto' = the "
+        description="Decoder layers that get adapters: a list of indices, 'all', or 'auto' = the "
         "`auto_layers` layers whose outputs differ most between dense and degraded (from "
         "the sensitivity stage when it is in the pipeline, else measured on the first "
         "`auto_samples` training samples).",
@@ -108,6 +122,16 @@ class LoraAdapterConfig(StrictModel):
         "of each linear's input covariance (train.closed_form), peft's alpha/r accounted for.",
     )
 
+    merge: Literal["masked", "none"] = Field(
+        "masked",
+        description="'masked': the adapter trains under the sparsity mask and the export "
+        "merges it there (W_hat + M * scale B A: zeros kept, no runtime cost, but only the "
+        "surviving weights move); 'none': a dense low-rank branch beside the sparse weights "
+        "(W_hat x + scale B A x, EoRA's form), trained and exported unmerged (the base keeps "
+        "its zeros; the adapter costs r (in + out) multiply-adds per token per linear). "
+        "Pruning's error sits on the pruned positions, which a masked merge cannot reach.",
+    )
+
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -118,7 +142,7 @@ class LoraAdapterConfig(StrictModel):
 
     def spec(self) -> LoraSpec:
         return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                        targets=self.targets)
+                        targets=self.targets, masked=self.merge == "masked")
 
 
 class ClosedFormConfig(StrictModel):

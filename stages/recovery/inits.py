@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from recoup.stages.lcc import activations
@@ -71,13 +72,15 @@ class Starts:
 def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
                heads: Sequence[HeadId] | None, eora_layers: Sequence[int] | None,
                targets: Sequence[str], rank: int, alpha: float, masks_file: Path | None,
+               masked: bool = True,
                calibration: Sequence[Sequence[int]], pad_id: int, device: str,
                micro_batch: int, offload: bool, eig_rtol: float,
                progress: bool = True) -> Starts:
     """Fit the closed-form compensation of ``heads`` and/or the rank-``rank`` EoRA factors of
     ``targets`` in ``eora_layers`` (None: that fit is not wanted) on the ``calibration``
     token sequences, the degraded model under the keep masks of ``masks_file`` (None: the
-    weights' non-zero pattern). Both models are loaded here (on the CPU, each block visiting
+    weights' non-zero pattern; ``masked`` False: EoRA's correction applied unmasked, as an
+    unmerged adapter runs). Both models are loaded here (on the CPU, each block visiting
     ``device``) and freed on return."""
     started = time.perf_counter()
     torch_dtype = modelio.DTYPES[dtype]
@@ -88,9 +91,10 @@ def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
     paths = tuple(p for p in layout.LINEAR_NAMES if p.rsplit(".", 1)[1] in targets)
     eora = {i: paths for i in eora_layers} if eora_layers is not None else {}
     weights = linear_weights(degraded)
-    masks = keep_masks(masks_file, {
-        f"model.layers.{i}.{p}.weight": weights[f"model.layers.{i}.{p}.weight"]
-        for i, ps in eora.items() for p in ps})
+    adapted = {f"model.layers.{i}.{p}.weight": weights[f"model.layers.{i}.{p}.weight"]
+               for i, ps in eora.items() for p in ps}
+    masks = (keep_masks(masks_file, adapted) if masked
+             else {n: torch.ones_like(w, dtype=torch.bool) for n, w in adapted.items()})
     fit = fit_blockwise(
         dense, degraded, calibration,
         FitPlan(heads=by_layer, eora=eora, rank=rank, masks=masks, eig_rtol=eig_rtol),

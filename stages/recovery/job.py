@@ -20,18 +20,37 @@ from recoup.stages.lcc.compensation import HeadId
 from recoup.stages.recovery.batching import Encoded
 from recoup.stages.recovery.losses import KlPositions
 
+DEFAULT_TEACHER_TOP_K = 64
+"""Teacher tokens kept per position for the KL (``train.loss.teacher_top_k``): a Llama's
+next-token distribution puts nearly all of its mass on far fewer than 64 of its 32000
+tokens, and 64 x 8 bytes per token keeps the file of 2048 samples x 512 tokens near half a
+GB."""
+
 #: Where the compensation starts (see ``train.lcc.init``).
 LccInit = Literal["normal", "lost_component", "closed_form"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class LossSpec:
-    """The loss terms' weights (see :func:`recoup.stages.recovery.losses.recovery_loss`)."""
+    """The loss terms' weights (see :func:`recoup.stages.recovery.losses.recovery_loss`) and
+    how the teacher is kept: ``teacher_top_k`` > 0 tokens per position computed before
+    training (:mod:`recoup.stages.recovery.teacher`), 0 the whole dense model resident."""
 
     ce_weight: float
     kl_weight: float
     temperature: float
     kl_on: KlPositions
+    teacher_top_k: int = DEFAULT_TEACHER_TOP_K
+
+    @property
+    def cached_teacher(self) -> bool:
+        """The KL reads the teacher's top-k from a file (no teacher beside the student)."""
+        return bool(self.kl_weight) and self.teacher_top_k > 0
+
+    @property
+    def resident_teacher(self) -> bool:
+        """The exact KL: the whole dense model runs beside the student."""
+        return bool(self.kl_weight) and self.teacher_top_k == 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +72,9 @@ class LoraSpec:
     alpha: float
     dropout: float
     targets: tuple[str, ...]
+    #: the adapter runs (and is merged) under the sparsity mask; False: a separate dense
+    #: low-rank branch, left unmerged by the export (train.lora.merge: none)
+    masked: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,4 +101,4 @@ class TrainJob:
     lora_init: Mapping[str, tuple[Tensor, Tensor]] | None = None
 
 
-__all__ = ("LccInit", "LccSpec", "LoraSpec", "LossSpec", "TrainJob")
+__all__ = ("DEFAULT_TEACHER_TOP_K", "LccInit", "LccSpec", "LoraSpec", "LossSpec", "TrainJob")

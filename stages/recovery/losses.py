@@ -13,7 +13,7 @@ stage (:class:`recoup.stages.recovery.config.LossConfig`), so this module needs 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,72 @@ def topk_distill_kl(teacher_topk_logits: Tensor, teacher_topk_ids: Tensor, stude
     return temperature**2 * (kl * position_mask).sum() / n
 
 
+class TeacherTopK(NamedTuple):
+    """A teacher stored as its top-k next-token distribution per position (B, T, ...).
+
+    ``ids`` (B, T, K) int64: the k most likely tokens; ``logprobs`` (B, T, K): their
+    log-probabilities under ``softmax(teacher_logits / T)``; ``tail`` (B, T): the log of the
+    remaining mass ``log(1 - sum(exp(logprobs)))`` (``-inf`` when K is the vocabulary).
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+
+
+def teacher_topk(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TeacherTopK:
+    """The top-``k`` of ``softmax(teacher_logits / temperature)`` and the log tail mass.
+
+    ``teacher_logits`` (..., V) -> ids, logprobs (..., k) and tail (...). The tail is computed
+    as ``logsumexp`` over the tokens outside the top-k minus ``logsumexp`` over all, so a
+    tail far below float32's resolution of 1 keeps its magnitude.
+    """
+    if not 1 <= k <= teacher_logits.shape[-1]:
+        raise ValueError(f"top-k needs 1 <= k <= the vocabulary size "
+                         f"({teacher_logits.shape[-1]}), got {k}")
+    z = teacher_logits.detach().float() / temperature  # (..., V)
+    lse = torch.logsumexp(z, dim=-1)  # (...)
+    top, ids = z.topk(k, dim=-1)  # (..., k) each
+    rest = z.scatter(-1, ids, float("-inf"))  # (..., V): the top-k left out
+    tail = torch.logsumexp(rest, dim=-1) - lse  # (...), -inf when k == V
+    return TeacherTopK(ids=ids, logprobs=top - lse[..., None], tail=tail)
+
+
+def _plogp(logp: Tensor) -> Tensor:
+    """``p log p`` from ``log p``, 0 where ``p == 0`` (``log p == -inf``)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * logp, torch.zeros_like(p))
+
+
+def topk_tail_kl(teacher: TeacherTopK, student_logits: Tensor, position_mask: Tensor,
+                 temperature: float = 1.0) -> Tensor:
+    """:func:`distill_kl` against a teacher kept as its top-k plus one tail bucket.
+
+    ``KL(p || q) ~= sum_{i in topk} p_i (log p_i - log q_i) + p_tail (log p_tail - log
+    q_tail)`` with ``q_tail = 1 - sum_{topk} q_i``: the KL of the two distributions coarsened
+    to k + 1 outcomes. It equals :func:`distill_kl` when k is the vocabulary and is never
+    above it otherwise (coarsening cannot increase a KL), so small k underestimates the
+    distance only by the teacher's spread inside its tail. ``student_logits`` (B, T, V),
+    ``position_mask`` (B, T) bool; scaled by ``T^2`` like :func:`distill_kl`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n = position_mask.sum()
+    if int(n) == 0:
+        raise ValueError("no positions to distil on in the batch")
+    s = student_logits.float() / temperature  # (B, T, V)
+    lse = torch.logsumexp(s, dim=-1)  # (B, T)
+    log_q = s.gather(-1, teacher.ids) - lse[..., None]  # (B, T, K)
+    # the student's tail: the top-k pushed to the float32 minimum (not -inf, whose gradient
+    # through logsumexp is NaN when k is the whole vocabulary)
+    rest = s.scatter(-1, teacher.ids, torch.finfo(s.dtype).min)  # (B, T, V)
+    log_q_tail = torch.logsumexp(rest, dim=-1) - lse  # (B, T)
+    logp, tail = teacher.logprobs.detach().float(), teacher.tail.detach().float()
+    kl = (_plogp(logp) - logp.exp() * log_q).sum(-1)  # (B, T)
+    kl = kl + _plogp(tail) - tail.exp() * log_q_tail  # (B, T)
+    return temperature**2 * (kl * position_mask).sum() / n
+
+
 def weighted_sum(terms: dict[str, tuple[float, Tensor | None]]) -> Tensor:
     """``sum(weight * value)`` over terms with a non-zero weight; a zero weight skips the
     term entirely (its value may be None, e.g. no teacher loaded)."""
@@ -102,13 +168,15 @@ def weighted_sum(terms: dict[str, tuple[float, Tensor | None]]) -> Tensor:
 
 def recovery_loss(
     logits: Tensor, ids: Tensor, target_mask: Tensor, attention_mask: Tensor,
-    teacher_logits: Tensor | None, *, ce_weight: float, kl_weight: float,
+    teacher: Tensor | TeacherTopK | None, *, ce_weight: float, kl_weight: float,
     temperature: float = 1.0, kl_on: KlPositions = "all",
 ) -> tuple[Tensor, dict[str, float]]:
     """``ce_weight * CE + kl_weight * KL`` of one micro-batch and its parts (for logging).
 
     ``target_mask`` (B, T) marks response tokens, ``attention_mask`` (B, T) real tokens;
-    ``teacher_logits`` may be None when ``kl_weight`` is 0. ``kl_on``: the positions the KL
+    ``teacher``: the dense model's logits (B, T, V) for the exact KL (:func:`distill_kl`),
+    or its top-k per position (:class:`TeacherTopK`, :func:`topk_tail_kl`); None when
+    ``kl_weight`` is 0. ``kl_on``: the positions the KL
     averages over, ``all`` real tokens or those that predict a ``response`` token;
     ``temperature`` as in :func:`distill_kl`.
     """
@@ -116,14 +184,17 @@ def recovery_loss(
     if ce_weight:
         ce = response_cross_entropy(logits, ids, target_mask)
     if kl_weight:
-        if teacher_logits is None:
-            raise ValueError("kl_weight > 0 needs teacher logits")
+        if teacher is None:
+            raise ValueError("kl_weight > 0 needs the teacher's logits or top-k")
         if kl_on == "all":
             positions = attention_mask.bool()
         else:  # the positions that predict response tokens
             positions = torch.zeros_like(target_mask)
             positions[:, :-1] = target_mask[:, 1:]
-        kl = distill_kl(teacher_logits, logits, positions, temperature)
+        if isinstance(teacher, TeacherTopK):
+            kl = topk_tail_kl(teacher, logits, positions, temperature)
+        else:
+            kl = distill_kl(teacher, logits, positions, temperature)
     total = weighted_sum({"ce": (ce_weight, ce), "kl": (kl_weight, kl)})
     parts = {k: float(v.detach()) for k, v in (("ce", ce), ("kl", kl)) if v is not None}
     return total, parts
@@ -131,10 +202,13 @@ def recovery_loss(
 
 __all__ = (
     "KlPositions",
+    "TeacherTopK",
     "recovery_loss",
     "distill_kl",
     "response_cross_entropy",
     "response_target_mask",
+    "teacher_topk",
     "topk_distill_kl",
+    "topk_tail_kl",
     "weighted_sum",
 )

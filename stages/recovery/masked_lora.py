@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from recoup.stages.model import layout
+from recoup.stages.model.partitioned import full_shape, gathered
 
 KEEP_BUFFER = "recoup_keep"
 """Name of the (out, in) bool keep-mask buffer on a masked LoRA layer (not saved)."""
@@ -60,7 +61,8 @@ def keep_masks(masks_file: Path | None, weights: Mapping[str, Tensor]) -> dict[s
     (``model.layers.{i}.self_attn.q_proj.weight``).
 
     ``masks_file``: the degrade stage's ``masks.safetensors`` (None or absent: no pruning
-    mask was written); a weight it does not list keeps its own non-zero pattern.
+    mask was written); a weight it does not list keeps its own non-zero pattern (read
+    gathered when ZeRO-3 partitioned it, a collective: every rank passes the same weights).
     """
     out: dict[str, Tensor] = {}
     if masks_file is not None and masks_file.is_file():
@@ -69,13 +71,14 @@ def keep_masks(masks_file: Path | None, weights: Mapping[str, Tensor]) -> dict[s
             for name, w in weights.items():
                 if name in stored:
                     keep = f.get_tensor(name).bool()
-                    if keep.shape != w.shape:
+                    if keep.shape != full_shape(w):
                         raise ValueError(f"{masks_file}: mask of {name} is {tuple(keep.shape)}, "
-                                         f"the weight {tuple(w.shape)}")
+                                         f"the weight {tuple(full_shape(w))}")
                     out[name] = keep.to(w.device)
     for name, w in weights.items():
         if name not in out:
-            out[name] = w.detach() != 0
+            with gathered([w]):  # a ZeRO-3 partitioned weight: whole for this one read
+                out[name] = w.detach() != 0
     return out
 
 

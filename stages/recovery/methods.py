@@ -100,11 +100,11 @@ def _compensation(job: TrainJob, gen: torch.Generator) -> Compensation:
 
 def _adapters(model: nn.Module, job: TrainJob) -> nn.Module:
     """The job's LoRA adapters on ``model``, started at ``job.lora_init`` when given, run
-    under the sparsity mask (what the export merges)."""
+    under the sparsity mask (what the export merges) unless ``train.lora.merge: none``."""
     if job.lora is None:
         raise ValueError(f"method {job.method!r} needs the lora settings")
-    return add_lora(model, job.lora, job.lora_layers, init=job.lora_init, masked=True,
-                    masks_file=job.masks_file)
+    return add_lora(model, job.lora, job.lora_layers, init=job.lora_init,
+                    masked=job.lora.masked, masks_file=job.masks_file)
 
 
 @register_method("lcc", needs_heads=True, uses_lora=False)

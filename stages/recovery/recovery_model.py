@@ -128,11 +128,12 @@ def _start_lora(model: nn.Module, init: Mapping[str, tuple[Tensor, Tensor]]) -> 
 
 
 def load_recovered(base: nn.Module, params: Path, *, n_heads: int,
-                   masks_file: Path | None) -> RecoveryModel:
+                   masks_file: Path | None, masked: bool = True) -> RecoveryModel:
     """The trained model again: the degraded ``base`` with the recovery parameters saved in
     ``params`` (``lcc.safetensors``, ``lora/``) attached as training ran them, the
-    compensation by hooks and the adapters unmerged, under the sparsity mask. The export
-    compares its checkpoint with this model."""
+    compensation by hooks and the adapters unmerged, under the sparsity mask (``masked``
+    False: without it, as ``train.lora.merge: none`` trains them). The export compares its
+    checkpoint with this model."""
     from peft import PeftModel
 
     comp = None
@@ -141,7 +142,8 @@ def load_recovered(base: nn.Module, params: Path, *, n_heads: int,
     model = base
     if (params / LORA_DIR).is_dir():
         model = PeftModel.from_pretrained(base, str(params / LORA_DIR))
-        mask_lora(model, masks_file)
+        if masked:
+            mask_lora(model, masks_file)
     return RecoveryModel(model, comp).eval()
 
 

@@ -1,12 +1,15 @@
 """The training task a DeepSpeed worker runs for a :class:`~recoup.stages.recovery.job.TrainJob`.
 
 :func:`build_task` is the factory handed to :func:`recoup.cluster.train.run_training`: on
-each worker it loads the degraded model, attaches the method's trainable parts
-(:func:`build_model`), batches the job's samples and computes the loss
-(:mod:`recoup.stages.recovery.losses`, with the dense model as teacher when the KL is on).
-Saving is shared with the training-free methods (:func:`save_recovered`,
-:func:`save_training_free`), so a fitted model is written exactly as a trained one and the
-export reads both alike.
+each worker it builds the degraded model the way the engine will hold it (partitioned from
+construction under ZeRO-3, :mod:`recoup.stages.model.partitioned`; whole under ZeRO 0-2),
+attaches the method's trainable parts (:func:`build_model`), batches the job's samples and
+computes the loss (:mod:`recoup.stages.recovery.losses`). With the KL on, the dense teacher
+runs once before the student is built and training reads its top-k per position
+(:mod:`recoup.stages.recovery.teacher`); ``teacher_top_k: 0`` keeps the exact KL with the
+whole dense model resident instead. Saving is shared with the training-free methods
+(:func:`save_recovered`, :func:`save_training_free`), so a fitted model is written exactly
+as a trained one and the export reads both alike.
 """
 
 from __future__ import annotations
@@ -21,36 +24,61 @@ from torch import Tensor, nn
 
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import RESULT as TRAIN_RESULT
+from recoup.cluster.train_task import WorkerSetup
 from recoup.orchestrator.store import atomic_write_json, commit_path, tmp_path_for
 from recoup.stages.model import modelio
-from recoup.stages.recovery.batching import collate
+from recoup.stages.model.partitioned import full_numel, load_partitioned, place_unpartitioned
+from recoup.stages.recovery.batching import collate, topk_of
 from recoup.stages.recovery.job import TrainJob
 from recoup.stages.recovery.losses import recovery_loss
 from recoup.stages.recovery.masked_lora import zero3_leaves
 from recoup.stages.recovery.methods import get_method
 from recoup.stages.recovery.recovery_model import RecoveryModel
+from recoup.stages.recovery.teacher import TopKStore, cache_teacher
 
 SUMMARY_FILE = "recovery.json"
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) element counts, before DeepSpeed partitions anything."""
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    """(trainable, frozen) element counts of the whole parameters (partitioned or not)."""
+    trainable = sum(full_numel(p) for p in module.parameters() if p.requires_grad)
+    frozen = sum(full_numel(p) for p in module.parameters() if not p.requires_grad)
     return trainable, frozen
 
 
-def build_model(job: TrainJob, device: torch.device | str) -> tuple[RecoveryModel, int]:
-    """The degraded model with the job's method attached (its init included), on
-    ``device``, and the base model's parameter count. What training optimises, what a
-    training-free method saves, and (with saved parameters loaded) the trained model."""
-    dtype = modelio.DTYPES[job.dtype]
+def _as_setup(where: WorkerSetup | torch.device | str) -> WorkerSetup:
+    return where if isinstance(where, WorkerSetup) else WorkerSetup.local(where)
+
+
+def build_model(job: TrainJob, where: WorkerSetup | torch.device | str,
+                ) -> tuple[RecoveryModel, int]:
+    """The degraded model with the job's method attached (its init included) and the base
+    model's parameter count. What training optimises, what a training-free method saves
+    and (with saved parameters loaded) the trained model.
+
+    ``where``: a training worker's setup (under ZeRO-3 the frozen base is built partitioned
+    and only the parts the method adds are ordinary parameters; activation checkpointing of
+    the base's blocks when asked), or a bare device for a whole model in one process.
+    """
+    setup = _as_setup(where)
     method = get_method(job.method)
-    base = modelio.load_model(job.degraded_dir, dtype, str(device))
+    if setup.zero_init is not None:
+        base = load_partitioned(job.degraded_dir, setup.zero_init)
+    else:
+        base = modelio.load_model(job.degraded_dir, modelio.DTYPES[job.dtype], str(setup.device))
     base.requires_grad_(False)
-    base_params = sum(p.numel() for p in base.parameters())
+    if setup.activation_checkpointing:
+        # non-reentrant: gradients reach adapters and compensation inside a block whose
+        # input needs none (the frozen embeddings'); transformers < 5.24 has the old name
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_params = sum(full_numel(p) for p in base.parameters())
     gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**63))
-    return method.build(base, job, gen).to(device), base_params
+    return place_unpartitioned(method.build(base, job, gen), setup.device), base_params
 
 
 def summary_of(job: TrainJob, trainable_params: int, base_params: int) -> dict[str, Any]:
@@ -59,6 +87,8 @@ def summary_of(job: TrainJob, trainable_params: int, base_params: int) -> dict[s
         "method": job.method,
         "chosen": [list(h) for h in job.chosen],
         "lora_layers": list(job.lora_layers),
+        # how the export treats the adapter: merged under the mask, or left unmerged
+        "lora_merge": None if job.lora is None else ("masked" if job.lora.masked else "none"),
         "n_heads": job.n_heads,
         "trainable_params": trainable_params,
         "base_params": base_params,
@@ -78,18 +108,22 @@ def save_recovered(module: RecoveryModel, job: TrainJob, folder: Path, trainable
 class RecoveryTask:
     """A :class:`recoup.cluster.train.TrainTask` for a :class:`TrainJob`."""
 
-    def __init__(self, job: TrainJob, device: torch.device):
-        dtype = modelio.DTYPES[job.dtype]
-        self.module, self.base_params = build_model(job, device)
+    def __init__(self, job: TrainJob, where: WorkerSetup | torch.device | str):
+        setup = _as_setup(where)
+        self.job = job
+        # the teacher first and gone before the student is built: one model at a time
+        self.topk: TopKStore | None = cache_teacher(job, setup) if job.loss.cached_teacher \
+            else None
+        self.module, self.base_params = build_model(job, setup)
         if self.module.has_lora:
             zero3_leaves(self.module)
         self.module.train()
         self.trainable_params, _ = count_parameters(self.module)
         self.teacher = None
-        if job.loss.kl_weight:
-            self.teacher = modelio.load_model(job.dense_dir, dtype, str(device))
+        if job.loss.resident_teacher:  # the exact KL: the whole dense model beside
+            self.teacher = modelio.load_model(job.dense_dir, modelio.DTYPES[job.dtype],
+                                              str(setup.device))
             self.teacher.requires_grad_(False)
-        self.job = job
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer groups: beta and b at ``train.lcc.lr`` (when set), the rest at ``lr``."""
@@ -100,12 +134,14 @@ class RecoveryTask:
 
     def batch(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         b = collate([self.job.samples[i] for i in indices], self.job.pad_id)
+        if self.topk is not None:
+            b.update(self.topk.batch(indices, b["input_ids"].shape[1]))
         return {k: v.to(device) for k, v in b.items()}
 
     def loss(self, engine: Any, batch: Mapping[str, Tensor],
              ) -> tuple[Tensor, dict[str, float], int]:
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        teacher = None
+        teacher: Any = topk_of(batch)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(input_ids=batch["input_ids"],
@@ -138,9 +174,10 @@ def save_training_free(job: TrainJob, out_dir: Path, device: str) -> dict[str, A
     return result
 
 
-def build_task(job: TrainJob, device: torch.device) -> RecoveryTask:
-    """The task factory handed to :func:`recoup.cluster.train.run_training`."""
-    return RecoveryTask(job, device)
+def build_task(job: TrainJob, where: WorkerSetup | torch.device | str) -> RecoveryTask:
+    """The task factory handed to :func:`recoup.cluster.train.run_training` (``where``: the
+    worker's setup; a bare device builds the whole model in this process)."""
+    return RecoveryTask(job, where)
 
 
 __all__ = ("SUMMARY_FILE", "RecoveryTask", "build_model", "build_task", "count_parameters",

@@ -15,7 +15,7 @@ At block ``i``:
    ``o_proj``, from now on);
 3. for EoRA, the degraded block runs again (compensated) while each linear group's input
    covariance ``X^T X`` accumulates; each target linear gets its rank-r factors
-   (:func:`eora.eora_factors` of ``W_dense - W_degraded``) and, for the rest of this block,
+   (:func:`eora.factors_in` of ``W_dense - W_degraded``) and, for the rest of this block,
    the masked corrected weight ``W_hat + M * B A`` (what the export will merge);
 4. the degraded block, compensated and corrected, runs a last time and its outputs move
    on: block ``i + 1`` of the degraded model sees what the recovered model feeds it.
@@ -43,7 +43,7 @@ from recoup.stages.compress.pruning import HessianAccumulator
 from recoup.stages.lcc.compensation import HeadId
 from recoup.stages.model import layout
 from recoup.stages.recovery import closed_form
-from recoup.stages.recovery.eora import EIG_RTOL, eora_factors
+from recoup.stages.recovery.eora import EIG_RTOL, Eigenbasis, eigenbasis, factors_in
 from recoup.stages.recovery.masked_lora import masked_lora_merge
 
 DEFAULT_CALIBRATION_SAMPLES = 64
@@ -263,11 +263,15 @@ def fit_blockwise(dense: nn.Module, degraded: nn.Module, samples: Sequence[Seque
                 paths = plan.eora.get(i, ())
                 if paths:
                     covs = _covariances(bg, batches, paths, device)
+                    bases: dict[int, Eigenbasis] = {}  # one eigh per shared input
                     for path in paths:
                         w_d = bd.get_submodule(path).weight
                         w_g = bg.get_submodule(path).weight
-                        B, A = eora_factors(w_d.double() - w_g.double(), covs[path],
-                                                 plan.rank, eig_rtol=plan.eig_rtol)
+                        cov = covs[path]
+                        if id(cov) not in bases:
+                            bases[id(cov)] = eigenbasis(cov, eig_rtol=plan.eig_rtol)
+                        B, A = factors_in(w_d.double() - w_g.double(), bases[id(cov)],
+                                          plan.rank)
                         name = f"model.layers.{i}.{path}"
                         factors[name] = (B.float().cpu(), A.float().cpu())
                         keep = plan.masks.get(f"{name}.weight")

@@ -60,7 +60,8 @@ def zeroshot_shard(model_dir: Path, dtype: str, device: str, data_dir: Path,
             worker_progress.advance(progress_key, n)
 
     with _quiet_bars(progress):
-        model = modelio.load_model(model_dir, modelio.DTYPES[dtype], device)
+        # one model per task; spread over the task's GPUs when larger than one
+        model = modelio.load_model_spread(model_dir, modelio.DTYPES[dtype], device)
         tokenizer = modelio.load_tokenizer(model_dir)
         lm = zeroshot.make_lm(model, tokenizer, batch_size, on_documents=finished)
         scored = 0

@@ -44,6 +44,7 @@ from recoup.stages.recovery.batching import collate
 from recoup.stages.recovery.losses import response_cross_entropy
 from recoup.stages.recovery.recovery_model import LCC_FILE, LORA_DIR, load_recovered
 from recoup.stages.recovery.task import build_model, build_task
+from recoup.stages.scoring.sparsity import linear_sparsity
 from recoup.stages.text.datasources import AlpacaSourceConfig, load_samples
 from recoup.stages.text.triplets import write_parquet
 from recoup.stages.train import PARAMS_DIR, build_job, train_stage
@@ -140,8 +141,11 @@ def _assert_zero_counts_unchanged(up: Upstream, exported: Any) -> None:
     assert masks, "the tiny model was not pruned"
     for name, keep in masks.items():
         before = int((degraded[name] == 0).sum())
-        assert int((params[name] == 0).sum()) == before, name
-        assert (params[name][~keep] == 0).all(), name
+        # an unmerged adapter (merge: none) wraps its linear: the weight is its base_layer's
+        w = params.get(name, params.get(name.replace(".weight", ".base_layer.weight")))
+        assert w is not None, name
+        assert int((w == 0).sum()) == before, name
+        assert (w[~keep] == 0).all(), name
 
 
 @torch.no_grad()
@@ -150,11 +154,12 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _trained_logits(up: Upstream, params: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _trained_logits(up: Upstream, params: Path, batch: dict[str, torch.Tensor], *,
+                    masked: bool = True) -> torch.Tensor:
     """Logits of the trained model: the degraded model with the saved parameters attached
     as training runs them (compensation hooks, masked adapters, nothing merged)."""
     trained = load_recovered(_degraded(up), params, n_heads=4,
-                             masks_file=up.root / "degrade" / MASKS)
+                             masks_file=up.root / "degrade" / MASKS, masked=masked)
     return trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
@@ -440,31 +445,45 @@ def test_pipeline_resumes_training_after_sigkill(upstream: Upstream, tmp_path: P
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lcc-closed", "eora", "lcc-closed+eora", "lora"])
+@pytest.mark.parametrize(("method", "merge"), [
+    ("lcc-closed", "masked"), ("eora", "masked"), ("lcc-closed+eora", "masked"),
+    ("lora", "masked"), ("lcc-closed+eora", "none"), ("lcc+lora", "none")])
 def test_the_exported_checkpoint_is_the_trained_model(upstream: Upstream, tmp_path: Path,
-                                                      method: str) -> None:
+                                                      method: str, merge: str) -> None:
     """Plain ``transformers`` loads the export; its logits are the trained (or fitted)
     model's within 1e-4 and every linear keeps the degraded model's zero count. The
-    training-free methods start neither DeepSpeed nor Ray and say how long the fit took."""
+    training-free methods start neither DeepSpeed nor Ray and say how long the fit took.
+    With ``merge: none`` the adapter sits unmerged in the exported folder (loaded by
+    transformers' peft integration) and the compensation folds through its delta."""
     cfg = _config(upstream, method=method, engine={"steps": 2, "zero_stage": 2},
                   closed_form={"samples": 6, "micro_batch": 4},
-                  lora={"layers": [1], "rank": 4, "alpha": 8.0, "init": "random"})
+                  lora={"layers": [1], "rank": 4, "alpha": 8.0, "init": "random",
+                        "merge": merge, "targets": ["q_proj", "o_proj", "down_proj"]})
     trained, exported_m = _train_and_export(upstream, tmp_path, cfg)
     batch = _batch(upstream, cfg)
     exported = _exported(tmp_path)
-    reference = _trained_logits(upstream, tmp_path / "train" / PARAMS_DIR, batch)
+    reference = _trained_logits(upstream, tmp_path / "train" / PARAMS_DIR, batch,
+                                masked=merge == "masked")
     assert (_logits(exported, batch) - reference).abs().max() < 1e-4
     assert exported_m["max_abs_logit_diff"] < 1e-4
     _assert_zero_counts_unchanged(upstream, exported)
-    free = method != "lora"
+    free = method not in ("lora", "lcc+lora")
     assert bool(trained.get("training_free")) is free
+    assert exported_m["lora_merge"] == (None if method == "lcc-closed" else merge)
+    adapter_in_folder = (tmp_path / "export" / MODEL_DIR / "adapter_config.json").is_file()
+    assert adapter_in_folder is (merge == "none")
+    if merge == "none":  # the pruned weights' sparsity, the adapter's file left out
+        assert linear_sparsity(tmp_path / "export" / MODEL_DIR)["linear_sparsity"] == \
+            pytest.approx(linear_sparsity(upstream.root / "degrade" / MODEL_DIR)
+                          ["linear_sparsity"])
+        assert exported_m["adapter_params"] > 0
     assert not (tmp_path / "train" / CHECKPOINTS).exists() if free else True
     if free:
         assert trained["fit_seconds"] > 0 and trained["calibration_samples"] == 6
         assert trained["trainable_params"] > 0 and trained["steps"] == 0
     if "lcc" in method:  # the select stage's chosen heads
         assert trained["chosen_heads"] == len(CHOSEN) and exported_m["lcc_heads"] == len(CHOSEN)
-    if method in ("eora", "lora"):
+    if method in ("eora", "lora") or merge == "none":
         # the fit / training changed the model (EoRA: the masked correction is not zero)
         assert (reference - _logits(_degraded(upstream), batch)).abs().max() > 1e-4
 

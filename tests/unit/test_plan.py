@@ -80,16 +80,25 @@ def test_gpus_needed_rounds_up() -> None:
     assert gpus_for(3.01 * usable, usable) == 4
 
 
-def test_70b_collect_needs_four_gpus_per_worker(c70: RunConfig) -> None:
+def _plan(cfg: RunConfig) -> dict:
+    return {e.stage: e for e in plan_stages(cfg, resolve_model(cfg), H80)}
+
+
+def test_70b_collect_fits_one_gpu_per_worker(c70: RunConfig) -> None:
+    """Block by block: one decoder block and a shard's dense hidden states, never a model."""
     shape = resolve_model(c70)
-    est = {e.stage: e for e in plan_stages(c70, shape, H80)}["collect"]
-    # dense + degraded = 2 x 137.95 GB, plus one layer's working set: 276.9 / 72 -> 4
-    assert est.parts["dense + degraded weights"] == 2 * shape.weights_bytes
-    assert est.gpus_min == math.ceil(est.device_bytes / H80.usable) == 4
-    assert est.fits  # the shipped config asks 4 GPUs per worker
-    too_few = cfg_of("llama-70b", "collect.num_gpus_per_worker=2")
-    low = {e.stage: e for e in plan_stages(too_few, shape, H80)}["collect"]
-    assert not low.fits and "num_gpus_per_worker=4" in " ".join(low.notes)
+    est = _plan(c70)["collect"]
+    assert est.parts["one decoder block"] == shape.block_bytes
+    # 128 samples a shard x 3 dense views x 512 tokens x hidden 8192, bf16
+    views = "hidden states of a shard's 384 dense views (x max_length x hidden)"
+    assert est.parts[views] == 384 * 512 * 8192 * 2
+    assert est.gpus_min == 1 and est.device_bytes <= H80.usable and est.fits
+    assert any("leaves the rest idle" in n for n in est.notes)  # the config asks 4 a worker
+    one = _plan(cfg_of("llama-70b", "collect.num_gpus_per_worker=1", "collect.workers=8"))
+    assert one["collect"].fits and one["collect"].gpus_config == 8
+    assert not any("idle" in n for n in one["collect"].notes)
+    none = _plan(cfg_of("llama-70b", "collect.num_gpus_per_worker=0"))["collect"]
+    assert not none.fits and "num_gpus_per_worker=1" in " ".join(none.notes)
 
 
 def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
@@ -105,6 +114,12 @@ def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
     per = train_token_layer_bytes(shape.card, 2)
     assert per == 2 * 5120 * 4 + 2 * (4 * 5120 + 3 * 13824) == 164_864
     tokens = c13.train.engine.micro_batch * c13.train.max_seq_len
+    # activation checkpointing (on GPU by default): every block's bf16 input, one block's
+    # activations recomputed in backward
+    assert parts["block inputs (activation checkpointing)"] == tokens * 40 * 5120 * 2
+    assert parts["one block recomputed in backward"] == tokens * per
+    off = cfg_of("llama-13b", "train.engine.activation_checkpointing=false")
+    parts = train_parts(shape, off.train, 8, heads=heads)
     assert parts["activations for backward (all layers)"] == tokens * 40 * per
 
 
@@ -121,11 +136,13 @@ def test_min_world_size_is_the_smallest_that_fits(c70: RunConfig) -> None:
     assert min_world_size(shape, zero2.train, usable, heads=heads) is None
 
 
-def test_70b_training_is_blocked_by_the_whole_model_load(c70: RunConfig) -> None:
-    est = {e.stage: e for e in plan_stages(c70, resolve_model(c70), H80)}["train"]
-    assert est.device_bytes <= H80.usable  # steady state under ZeRO-3 fits
-    assert not est.fits and est.gpus_min is None
-    assert any("load peak" in n for n in est.notes)
+def test_70b_training_fits_one_node_with_a_partitioned_load(c70: RunConfig) -> None:
+    shape = resolve_model(c70)
+    est = {e.stage: e for e in plan_stages(c70, shape, H80)}["train"]
+    # ZeRO-3 builds the model partitioned: no worker loads the whole 138 GB
+    assert est.fits and est.workers == 8 and est.gpus_min is not None and est.gpus_min <= 8
+    assert est.device_bytes == sum(est.parts.values()) <= H80.usable
+    assert est.host_bytes is not None and est.host_bytes < 0.01 * shape.weights_bytes
 
 
 def test_degrade_sparsegpt_hessians_and_block(c13: RunConfig) -> None:
@@ -141,14 +158,23 @@ def test_degrade_sparsegpt_hessians_and_block(c13: RunConfig) -> None:
         "one decoder block"}
 
 
-def test_evaluate_holds_three_models(c13: RunConfig) -> None:
+def test_evaluate_holds_one_model_and_spreads_70b_over_three_gpus(c13: RunConfig,
+                                                                   c70: RunConfig) -> None:
     shape = resolve_model(c13)
-    parts = evaluate_parts(shape, c13.evaluate, 3 if "export" in c13.run.pipeline else 2)
-    assert parts["3 models (dense, degraded, recovered)"] == 3 * shape.weights_bytes
-    by_80 = {e.stage: e for e in plan_stages(c13, shape, H80)}["evaluate"]
-    assert not by_80.fits  # 78 GB of weights alone
-    h200 = Hardware(gpu_bytes=141 * GB)
-    assert {e.stage: e for e in plan_stages(c13, shape, h200)}["evaluate"].fits
+    parts = evaluate_parts(shape, c13.evaluate)
+    assert parts["one model (the models run one at a time)"] == shape.weights_bytes
+    logits = c13.evaluate.batch_size * c13.evaluate.seq_len * 32000
+    assert parts["logits of a batch"] == 2 * logits  # bf16
+    assert parts["dense log-probs read back (float16), float32 copy, KL term"] == 10 * logits
+    est = _plan(c13)["evaluate"]
+    assert est.fits and est.gpus_min == 1 and est.device_bytes <= H80.usable
+    # the whole WikiText-2 test set: 166 windows of 2048 tokens x 32000, float16
+    assert est.disk_bytes == 166 * 2048 * 32000 * 2
+    # 70B: 138 GB spread in 1.7 GB layers, each GPU keeping a batch and one layer spare
+    e70 = _plan(c70)["evaluate"]
+    assert e70.gpus_min == 3 and not e70.fits  # the config gives its task one GPU
+    assert "set cluster.stages.evaluate.gpus=3" in " ".join(e70.notes)
+    assert _plan(cfg_of("llama-70b", "cluster.stages.evaluate.gpus=3"))["evaluate"].fits
 
 
 def test_model_from_a_config_json_folder(tmp_path: Path) -> None:
