@@ -93,10 +93,10 @@ def test_70b_collect_fits_one_gpu_per_worker(c70: RunConfig) -> None:
     views = "hidden states of a shard's 384 dense views (x max_length x hidden)"
     assert est.parts[views] == 384 * 512 * 8192 * 2
     assert est.gpus_min == 1 and est.device_bytes <= H80.usable and est.fits
-    assert any("leaves the rest idle" in n for n in est.notes)  # the config asks 4 a worker
-    one = _plan(cfg_of("llama-70b", "collect.num_gpus_per_worker=1", "collect.workers=8"))
-    assert one["collect"].fits and one["collect"].gpus_config == 8
-    assert not any("idle" in n for n in one["collect"].notes)
+    assert est.gpus_config == 8 and not any("idle" in n for n in est.notes)  # 8 x 1 GPU
+    four = _plan(cfg_of("llama-70b", "collect.num_gpus_per_worker=4", "collect.workers=2"))
+    assert four["collect"].fits
+    assert any("leaves the rest idle" in n for n in four["collect"].notes)
     none = _plan(cfg_of("llama-70b", "collect.num_gpus_per_worker=0"))["collect"]
     assert not none.fits and "num_gpus_per_worker=1" in " ".join(none.notes)
 
@@ -172,9 +172,9 @@ def test_evaluate_holds_one_model_and_spreads_70b_over_three_gpus(c13: RunConfig
     assert est.disk_bytes == 166 * 2048 * 32000 * 2
     # 70B: 138 GB spread in 1.7 GB layers, each GPU keeping a batch and one layer spare
     e70 = _plan(c70)["evaluate"]
-    assert e70.gpus_min == 3 and not e70.fits  # the config gives its task one GPU
-    assert "set cluster.stages.evaluate.gpus=3" in " ".join(e70.notes)
-    assert _plan(cfg_of("llama-70b", "cluster.stages.evaluate.gpus=3"))["evaluate"].fits
+    assert e70.gpus_min == 3 and e70.fits  # the config gives its task three GPUs
+    one = _plan(cfg_of("llama-70b", "cluster.stages.evaluate.gpus=1"))["evaluate"]
+    assert not one.fits and "set cluster.stages.evaluate.gpus=3" in " ".join(one.notes)
 
 
 def test_model_from_a_config_json_folder(tmp_path: Path) -> None:
