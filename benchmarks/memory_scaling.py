@@ -35,7 +35,7 @@ per worker; on the CPU both are host memory. The prediction compared here is the
 the code holds them: where the host figure names the same tensors as the device figure
 (a model or block loaded on the host and moved to a "device" that is the host, a no-op),
 they are counted once: evaluate = device (one model + one batch), collect = device + host
-- one block, degrade = host + device - one block, prepare = host, train = device + host
+less one block, degrade = host + device less one block, prepare = host, train = device + host
 (rank 0's read buffer of one module beside its partition and gathered blocks). The plan
 leaves out the interpreter and its libraries, so the measured figure set against it is the
 peak less the RSS of an idle process of the same kind, measured in the same run: for the
@@ -44,19 +44,27 @@ Llama and safetensors; for training, a Ray actor that imported torch, DeepSpeed,
 transformers, peft and recoup's training code and joined a one-rank gloo group. A stage whose
 net peak is more than 15% off the plan's figure is reported as "plan off by X%".
 
+Allocator: glibc raises its mmap threshold (up to 32 MiB) each time a large mmap'ed block
+is freed, after which freed tensors below it stay in the heap. The teacher pass's logits-
+sized temporaries and ZeRO-3's gathered weights are such tensors: at 0.05 GB, one rank's
+teacher pass left 850 MB of freed logits in the heap, 20 MB with the threshold fixed at 1 MiB.
+``--mmap-threshold BYTES`` sets ``MALLOC_MMAP_THRESHOLD_`` (a fixed threshold) in every
+process started here, Ray's workers included, to show how much of a peak that is; by
+default the processes run as ``recoup run`` runs them.
+
 The last line is ``train_peak_per_worker_over_model: X``: the largest peak RSS (VmHWM) of one
 Ray Train worker divided by the model's float32 bytes, raw (imports included). The goal
 of issue #17 is <= 0.65 with 2 workers. With 2 workers ZeRO-3 already holds 0.5 of the
 model per worker as its partition, and an idle worker after the imports is several hundred
 MB of RSS (printed), a large share of a 1.5 GB model, so the raw ratio at 1.5 GB cannot
-reach 0.65 whatever the partitioned load does; the line before the last gives the ratio
+reach 0.65 whatever the partitioned load does; the lines before the last give the ratio
 with the idle worker's RSS subtracted (and the anon-only one), which is what the goal
 is about. At the smoke-test sizes the imports dominate and ZeRO-3 keeps every parameter
 under 1e5 elements whole on every rank (``stage3_param_persistence_threshold``): the
 ratio means nothing there, the script only shows that it runs.
 
-Sizes for the default (1.5 GB) on a 2-core CPU: about 25-40 minutes, mostly collect, the
-teacher pass and the training steps; about 8 GB of disk in a temporary folder (source,
+Sizes for the default (1.5 GB) on a 2-core CPU: about 20-40 minutes, mostly collect, the
+teacher pass and the training steps; about 5 GB of disk in a temporary folder (source,
 dense and degraded models, masks, dense log-probs, DeepSpeed checkpoints) removed at the
 end unless ``--keep``; memory peaks at a few GB (evaluate: one model, its logits and the
 mmap'ed files; train: the workers' partitions, Ray's processes, the page cache).
@@ -103,6 +111,10 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("evaluate", "inprocess"), ("train", "ray"),
 )
 COMPARED = ("prepare", "degrade", "collect", "evaluate", "train")
+#: Ray's own start-up limit (30 s, not configurable) can pass on a loaded machine; such an
+#: attempt ran no stage, so it is repeated
+RAY_START_FAILURE = "The current node timed out during startup"
+ATTEMPTS = 3
 
 
 # --------------------------------------------------------------------------- the model
@@ -355,8 +367,11 @@ class _IdleActor:
 
 
 def idle_baseline(kind: str, env: dict[str, str]) -> dict[str, int]:
-    out = subprocess.run([sys.executable, __file__, "--idle", kind], capture_output=True,
-                         text=True, cwd=REPO, env=env, check=False)
+    for _ in range(ATTEMPTS):
+        out = subprocess.run([sys.executable, __file__, "--idle", kind], capture_output=True,
+                             text=True, cwd=REPO, env=env, check=False)
+        if out.returncode == 0 or RAY_START_FAILURE not in out.stdout + out.stderr:
+            break
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"idle {kind} baseline failed:\n{out.stdout[-2000:]}"
@@ -422,6 +437,54 @@ def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     overlap = {"evaluate": shape.weights_bytes, "collect": shape.block_bytes,
                "degrade": shape.block_bytes}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
+
+
+def run_stages(cfg: dict[str, Any], configs: Path, log: Path, interval: float,
+               env: dict[str, str]) -> dict[str, StageRun]:
+    """One measured ``recoup run`` per stage of :data:`STEPS`, each adding its stage to the
+    pipeline of the one before (whose stages it reuses)."""
+    import yaml
+
+    runs: dict[str, StageRun] = {}
+    run_dir = Path(cfg["run"]["dir"])
+    for i, (stage, mode) in enumerate(STEPS):
+        step_cfg = json.loads(json.dumps(cfg))
+        step_cfg["run"]["pipeline"] = [s for s, _ in STEPS[: i + 1]]
+        step_cfg["cluster"]["mode"] = mode
+        path = configs / f"{i}-{stage}.yaml"
+        path.write_text(yaml.safe_dump(step_cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "recoup", "run", str(path), "--no-progress"]
+        for attempt in range(1, ATTEMPTS + 1):
+            before = log.stat().st_size if log.is_file() else 0
+            rc, seconds, mon, maxrss = run_measured(cmd, log, interval, env)
+            with open(log, "rb") as f:
+                f.seek(before)
+                output = f.read().decode(errors="replace")
+            if rc == 0 or RAY_START_FAILURE not in output or attempt == ATTEMPTS:
+                break
+            print(f"{stage}: Ray did not start in time (attempt {attempt} of {ATTEMPTS}), "
+                  "again", flush=True)
+        if rc != 0:
+            tail = output[-3000:]
+            stage_log = run_dir / "logs" / f"{stage}.log"
+            if stage_log.is_file():
+                tail += f"\n--- {stage_log}\n" + stage_log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"recoup run failed at {stage} (exit {rc}):\n{tail}")
+        root = mon.procs.setdefault(mon.root, ProcPeak(mon.root))
+        # wait4's ru_maxrss is the largest of the process and its reaped descendants (Ray's
+        # workers under raylet): it is the root's own only when no descendant came close
+        others = max((p.hwm for p in mon.procs.values() if p is not root), default=0)
+        if maxrss > others:
+            root.hwm = max(root.hwm, maxrss)
+        runs[stage] = StageRun(stage=stage, seconds=seconds, root=root, procs=mon.procs,
+                               tree_anon=mon.tree_anon)
+        extra = ""
+        if stage == "train":
+            extra = "; Train workers: " + ", ".join(
+                f"pid {p.pid} {gbs(p.hwm)} GB" for p in runs[stage].workers())
+        print(f"{stage}: {seconds:.0f} s, recoup run process peak {gbs(root.hwm)} GB{extra}",
+              flush=True)
+    return runs
 
 
 # --------------------------------------------------------------------------- report
@@ -520,6 +583,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=4, help="evaluate.max_windows")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluate.seq_len")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="set MALLOC_MMAP_THRESHOLD_ in every process started (default: "
+                   "unset, glibc's dynamic threshold)")
     p.add_argument("--data-dir", type=Path,
                    default=Path(os.environ.get("RECOUP_DATA_DIR", REPO.parent / "shared/data")))
     p.add_argument("--work-dir", type=Path, default=None,
@@ -541,6 +607,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
            "RECOUP_DATA_DIR": str(args.data_dir)}
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     try:
         source = work / "source-model"
         t0 = time.perf_counter()
@@ -560,7 +628,8 @@ def main() -> None:
               f"ZeRO-3 on {args.workers} Ray Train workers, fp32, activation checkpointing "
               f"{'off' if args.no_checkpointing else 'on'}, micro-batch {args.micro_batch} x "
               f"{args.seq_len} tokens, {args.steps} steps; data {args.samples} samples; "
-              f"evaluate {args.eval_windows} windows x {args.eval_seq_len}", flush=True)
+              f"evaluate {args.eval_windows} windows x {args.eval_seq_len}; malloc mmap "
+              f"threshold {args.mmap_threshold or 'dynamic (glibc default)'}", flush=True)
 
         t0 = time.perf_counter()
         idle = {"stage": idle_baseline("stage", env), "worker": idle_baseline("worker", env)}
@@ -582,38 +651,7 @@ def main() -> None:
             print(f"warning: the plan counts {plan_shape.params} parameters, the model has "
                   f"{params}")
 
-        runs: dict[str, StageRun] = {}
-        log = work / "recoup-run.log"
-        for i, (stage, mode) in enumerate(STEPS):
-            step_cfg = json.loads(json.dumps(cfg))
-            step_cfg["run"]["pipeline"] = [s for s, _ in STEPS[: i + 1]]
-            step_cfg["cluster"]["mode"] = mode
-            path = configs / f"{i}-{stage}.yaml"
-            path.write_text(yaml.safe_dump(step_cfg, sort_keys=False))
-            cmd = [sys.executable, "-m", "recoup", "run", str(path), "--no-progress"]
-            rc, seconds, mon, maxrss = run_measured(cmd, log, args.interval, env)
-            if rc != 0:
-                tail = log.read_text(errors="replace")[-3000:]
-                stage_log = run_dir / "logs" / f"{stage}.log"
-                if stage_log.is_file():
-                    tail += "\n--- " + str(stage_log) + "\n" + stage_log.read_text(
-                        errors="replace")[-3000:]
-                raise SystemExit(f"recoup run failed at {stage} (exit {rc}):\n{tail}")
-            root = mon.procs.setdefault(mon.root, ProcPeak(mon.root))
-            # wait4's ru_maxrss is the largest of the process and its reaped descendants
-            # (Ray's workers under raylet): it is the root's own only when no descendant
-            # seen came close
-            others = max((p.hwm for p in mon.procs.values() if p is not root), default=0)
-            if maxrss > others:
-                root.hwm = max(root.hwm, maxrss)
-            runs[stage] = StageRun(stage=stage, seconds=seconds, root=root, procs=mon.procs,
-                                   tree_anon=mon.tree_anon)
-            extra = ""
-            if stage == "train":
-                extra = "; Train workers: " + ", ".join(
-                    f"pid {p.pid} {gbs(p.hwm)} GB" for p in runs[stage].workers())
-            print(f"{stage}: {seconds:.0f} s, recoup run process peak {gbs(root.hwm)} GB"
-                  f"{extra}", flush=True)
+        runs = run_stages(cfg, configs, work / "recoup-run.log", args.interval, env)
 
         ratios = report(runs, plan, plan_shape, idle, model_bytes)
         print(f"\nmodel bytes (float32): {model_bytes:,} = {model_bytes / GB:.3f} GB; total "

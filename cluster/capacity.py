@@ -81,6 +81,9 @@ class LoraShape:
     layers: int
     rank: int
     targets: tuple[str, ...]
+    #: trained under the sparsity mask (keep masks and masked deltas held); False for
+    #: ``train.lora.merge: none``, a plain adapter
+    masked: bool = True
 
 
 def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, tokens: int,
@@ -116,12 +119,13 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
         lora_params, extra_per_token = lora_parts(
             shape, layers=lora.layers, rank=lora.rank, targets=lora.targets, itemsize=item)
         trainable += lora_params
-        masks, deltas = masked_lora_bytes(shape, layers=lora.layers, targets=lora.targets,
-                                          itemsize=item)
-        parts["keep masks of the adapted linears (bool)"] = masks
-        # checkpointing keeps one layer's deltas at a time (its recompute)
-        parts["masked LoRA deltas kept for backward"] = (
-            deltas // max(1, lora.layers) if checkpointing else deltas)
+        if lora.masked:
+            masks, deltas = masked_lora_bytes(shape, layers=lora.layers,
+                                              targets=lora.targets, itemsize=item)
+            parts["keep masks of the adapted linears (bool)"] = masks
+            # checkpointing keeps one layer's deltas at a time (its recompute)
+            parts["masked LoRA deltas kept for backward"] = (
+                deltas // max(1, lora.layers) if checkpointing else deltas)
     # ZeRO-2 keeps the 16-bit trainable weights whole and shards grads and Adam states;
     # ZeRO-3 shards all of it. Offloading moves the fp32 master and moments to the CPU.
     whole = item if eng.zero_stage == 2 else 0

@@ -319,7 +319,8 @@ def train_parts(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
             layers={"auto": lora.auto_layers, "all": shape.card.layers}.get(
                 lora.layers, len(lora.layers)) if isinstance(lora.layers, str)
             else len(lora.layers),
-            rank=lora.rank, targets=tuple(lora.targets)) if method.uses_lora else None,
+            rank=lora.rank, targets=tuple(lora.targets),
+            masked=lora.merge == "masked") if method.uses_lora else None,
         teacher_top_k=_teacher_top_k(cfg),
         checkpointing=use_checkpointing(cfg.engine, "cuda"))
 
