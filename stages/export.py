@@ -31,6 +31,7 @@ Training-free methods (``lcc-closed``, ``eora``) write the same files and export
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -176,14 +177,7 @@ def embed_adapter(adapter_dir: Path, model_dir: Path) -> int:
     for f in ADAPTER_FILES:
         shutil.copyfile(adapter_dir / f, model_dir / f)
     with safe_open(str(model_dir / ADAPTER_FILES[1]), "pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
 
 
 def _read_comp(params: Path, n_heads: int) -> Compensation:

@@ -316,9 +316,7 @@ def train_parts(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
         shape, cfg.engine, world_size, tokens=cfg.engine.micro_batch * cfg.max_seq_len,
         heads=heads if method.needs_heads else 0,
         lora=capacity.LoraShape(
-            layers={"auto": lora.auto_layers, "all": shape.card.layers}.get(
-                lora.layers, len(lora.layers)) if isinstance(lora.layers, str)
-            else len(lora.layers),
+            layers=lora.layer_count(shape.card.layers),
             rank=lora.rank, targets=tuple(lora.targets),
             masked=lora.merge == "masked") if method.uses_lora else None,
         teacher_top_k=_teacher_top_k(cfg),

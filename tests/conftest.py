@@ -14,6 +14,22 @@ from recoup.orchestrator.runconfig import DATA_DIR_ENV, RunConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
+def tiny_pruned_llama() -> Any:
+    """A tiny random Llama with half of every projection weight zeroed (seed 0), frozen:
+    the degraded model of the LoRA and compensation unit tests."""
+    import torch
+
+    from recoup.stages.model import modelio
+
+    torch.manual_seed(0)
+    model, _ = modelio.build_tiny_llama(modelio.TinyLlamaConfig(), torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_((torch.rand(p.shape) > 0.5).float())
+    return model.requires_grad_(False).eval()
+
+
 def find_data_dir() -> Path:
     env = os.environ.get(DATA_DIR_ENV)
     return Path(env) if env else (REPO.parent / "shared" / "data").resolve()

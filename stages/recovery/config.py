@@ -140,6 +140,12 @@ class LoraAdapterConfig(StrictModel):
             raise ValueError(f"unknown LoRA targets {bad}; choose from {', '.join(LINEAR_TARGETS)}")
         return v
 
+    def layer_count(self, n_layers: int) -> int:
+        """How many decoder layers get adapters in a model of ``n_layers``."""
+        if self.layers == "auto":
+            return self.auto_layers
+        return n_layers if self.layers == "all" else len(self.layers)
+
     def spec(self) -> LoraSpec:
         return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                         targets=self.targets, masked=self.merge == "masked")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.stages.model import modelio
 from recoup.stages.recovery.job import LoraSpec
 from recoup.stages.recovery.masked_lora import keep_masks, lora_layers, masked_lora_merge
 from recoup.stages.recovery.recovery_model import add_lora
+from tests.conftest import tiny_pruned_llama
 
 
 def test_masked_merge_keeps_pruned_weights_zero_and_refuses_non_finite() -> None:
@@ -25,22 +25,12 @@ def test_masked_merge_keeps_pruned_weights_zero_and_refuses_non_finite() -> None
         masked_lora_merge(W, A, B * float("inf"), 1.0, mask)
 
 
-def _tiny_pruned() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model, _ = modelio.build_tiny_llama(modelio.TinyLlamaConfig(), torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.mul_((torch.rand(p.shape) > 0.5).float())
-    return model.requires_grad_(False).eval()
-
-
 def test_masked_lora_forward_is_the_masked_merge() -> None:
     """Training runs ``W_hat + M * scale B A``: the exported (masked-merged) model's output,
     and the mask holds: zeros stay zeros, even with non-zero B."""
     import copy
 
-    model = _tiny_pruned()
+    model = tiny_pruned_llama()
     plain = copy.deepcopy(model)
     cfg = LoraSpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "down_proj"))
     wrapped = add_lora(model, cfg, [1], masked=True)
@@ -62,7 +52,7 @@ def test_masked_lora_forward_is_the_masked_merge() -> None:
         merged = plain(input_ids=ids).logits
     torch.testing.assert_close(trained, merged, atol=1e-5, rtol=1e-5)
     # unmasked LoRA would be a different model
-    unmasked = add_lora(copy.deepcopy(_tiny_pruned()), cfg, [1])
+    unmasked = add_lora(copy.deepcopy(tiny_pruned_llama()), cfg, [1])
     with torch.no_grad():
         for name, m in lora_layers(unmasked).items():
             src = lora_layers(wrapped)[name]

@@ -5,24 +5,14 @@ from __future__ import annotations
 import torch
 
 from recoup.stages.lcc.compensation import Compensation
-from recoup.stages.model import modelio
 from recoup.stages.model.layout import LINEAR_TARGETS
 from recoup.stages.recovery.job import LoraSpec
 from recoup.stages.recovery.recovery_model import RecoveryModel, add_lora
-
-
-def _tiny_pruned() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model, _ = modelio.build_tiny_llama(modelio.TinyLlamaConfig(), torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.mul_((torch.rand(p.shape) > 0.5).float())
-    return model.requires_grad_(False).eval()
+from tests.conftest import tiny_pruned_llama
 
 
 def test_lcc_gets_its_own_learning_rate() -> None:
-    model = _tiny_pruned()
+    model = tiny_pruned_llama()
     cfg = LoraSpec(rank=2, alpha=16.0, dropout=0.0, targets=LINEAR_TARGETS)
     comp = Compensation.create([(0, 1)], {(0, 1): torch.eye(16)}, n_heads=4)
     rm = RecoveryModel(add_lora(model, cfg, [0]), comp)
@@ -31,4 +21,4 @@ def test_lcc_gets_its_own_learning_rate() -> None:
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in comp.parameters()}
     assert sum(len(g["params"]) for g in groups) == sum(
         1 for p in rm.parameters() if p.requires_grad)
-    assert [g["lr"] for g in RecoveryModel(_tiny_pruned(), comp).param_groups(1e-3)] == [1e-3]
+    assert [g["lr"] for g in RecoveryModel(tiny_pruned_llama(), comp).param_groups(1e-3)] == [1e-3]
