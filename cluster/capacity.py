@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from recoup.cluster.engine import EngineConfig, use_bf16
+from recoup.cluster.engine import ZERO3_LIVE_BLOCKS, EngineConfig, use_bf16
 from recoup.orchestrator.estimate import FP32, ModelShape, forward_working_bytes
 
 if TYPE_CHECKING:
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 ADAM_BYTES_PER_PARAM = 16
 """Mixed-precision Adam per trainable parameter: 16-bit weight and gradient (2 + 2), fp32
 master weight and two fp32 moments (4 + 4 + 4), as in the ZeRO paper."""
-ZERO3_LIVE_BLOCKS = 2
-"""Decoder blocks whose weights ZeRO-3 holds gathered at once (the running one and the
-prefetched next one)."""
 MAX_WORLD_SIZE = 4096
 """Largest training world size :func:`min_world_size` tries."""
 
@@ -108,8 +105,10 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
     else:
         parts["frozen weights (ZeRO-2 keeps them whole)"] = frozen
     if eng.zero_stage == 3:
-        parts[f"{ZERO3_LIVE_BLOCKS} gathered blocks (ZeRO-3)"] = (
-            ZERO3_LIVE_BLOCKS * shape.block_params * item)
+        # the live limit (recoup.cluster.engine.zero3_live_limits) holds two blocks; the
+        # embeddings or the LM head, gathered whole for their call, may be larger
+        parts[f"{ZERO3_LIVE_BLOCKS} gathered blocks (ZeRO-3)"] = max(
+            ZERO3_LIVE_BLOCKS * shape.block_params, card.vocab * card.hidden) * item
     trainable = 0
     extra_per_token = 0
     if heads:

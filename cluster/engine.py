@@ -118,6 +118,42 @@ def deepspeed_config(cfg: EngineConfig, *, world_size: int, bf16: bool) -> dict[
     }
 
 
+ZERO3_LIVE_BLOCKS = 2
+"""Decoder blocks whose weights ZeRO-3 may hold gathered at once: the running one and the
+prefetched next one (``recoup plan`` charges the same)."""
+
+
+def zero3_live_limits(block_params: int) -> dict[str, int]:
+    """ZeRO-3's gathering limits (in elements) for a model whose largest decoder block has
+    ``block_params`` parameters: at most :data:`ZERO3_LIVE_BLOCKS` blocks' worth live,
+    a prefetch of one block, and a gathered parameter released unless it is used again
+    within one block.
+
+    DeepSpeed's defaults (1e9 live, 1e9 reuse distance) are sized for a GPU's memory, not
+    the model's: a parameter used again within 1e9 elements stays gathered, and under
+    activation checkpointing every block is used again in its backward recompute, so a model
+    under 1e9 parameters (every model up to ~1B; every block of a 70B one) ends up gathered
+    whole on every rank after the first step, the partition saving nothing. The embeddings
+    and the LM head, larger than a block in small-hidden models, are still gathered whole
+    for their own call (a module's parameters are fetched together whatever the limit)."""
+    if block_params <= 0:
+        raise ValueError(f"block_params must be positive, got {block_params}")
+    unit = int(block_params)
+    return {"stage3_max_live_parameters": ZERO3_LIVE_BLOCKS * unit,
+            "stage3_max_reuse_distance": unit,
+            "stage3_prefetch_bucket_size": unit}
+
+
+def with_zero3_limits(ds_config: dict[str, Any], block_params: int) -> dict[str, Any]:
+    """``ds_config`` with :func:`zero3_live_limits` in its ``zero_optimization`` when that is
+    stage 3 and the model has a repeated block (unchanged otherwise: without a block to size
+    them by, DeepSpeed's own limits stand); a new dict, the input is left alone."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or block_params <= 0:
+        return ds_config
+    return {**ds_config, "zero_optimization": {**zero, **zero3_live_limits(block_params)}}
+
+
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak lr used by optimizer step ``step`` (0-based).
 
@@ -134,4 +170,5 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
     raise ValueError(f"unknown lr schedule {schedule!r}; use constant or linear")
 
 
-__all__ = ("EngineConfig", "deepspeed_config", "lr_factor", "use_bf16", "use_checkpointing")
+__all__ = ("ZERO3_LIVE_BLOCKS", "EngineConfig", "deepspeed_config", "lr_factor", "use_bf16",
+           "use_checkpointing", "with_zero3_limits", "zero3_live_limits")

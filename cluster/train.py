@@ -51,6 +51,7 @@ from recoup.cluster.engine import (
     lr_factor,
     use_bf16,
     use_checkpointing,
+    with_zero3_limits,
 )
 from recoup.cluster.progress import attached
 from recoup.cluster.progress import current as current_channel
@@ -65,7 +66,13 @@ from recoup.cluster.train_state import (
     sample_indices,
     save_checkpoint,
 )
-from recoup.cluster.train_task import TaskFactory, TrainTask, WorkerSetup, match_zero_init
+from recoup.cluster.train_task import (
+    TaskFactory,
+    TrainTask,
+    WorkerSetup,
+    largest_block_params,
+    match_zero_init,
+)
 from recoup.orchestrator.store import TMP_MARK, atomic_write_json, commit_path, tmp_path_for
 
 PARAMS = "params"
@@ -153,6 +160,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     task: TrainTask = config["make_task"](config["task_spec"], setup)
     if setup.zero_init is not None:
         match_zero_init(task.module, torch.bfloat16 if bf16 else None)
+    # sized by the model: DeepSpeed's defaults would keep every block gathered (engine.py)
+    ds_config = with_zero3_limits(ds_config, largest_block_params(task.module))
     # a task may give parameter groups with their own peak lr (the schedule scales them all)
     params = task.param_groups(engine_cfg.lr) if hasattr(task, "param_groups") else [
         p for p in task.module.parameters() if p.requires_grad]

@@ -85,4 +85,17 @@ def match_zero_init(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
             p.data = p.data.to(dtype)
 
 
-__all__ = ("TaskFactory", "TrainTask", "WorkerSetup", "match_zero_init")
+def largest_block_params(module: torch.nn.Module) -> int:
+    """Parameters of the largest repeated block (a child of the module's longest
+    ``ModuleList``: a decoder layer), counted whole whether ZeRO-3 partitioned them
+    (``ds_numel``) or not; 0 for a module without one. ZeRO-3's gathering limits are sized
+    by it (:func:`recoup.cluster.engine.zero3_live_limits`)."""
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return 0
+    longest = max(lists, key=len)
+    return max(sum(int(getattr(p, "ds_numel", p.numel())) for p in block.parameters())
+               for block in longest)
+
+
+__all__ = ("TaskFactory", "TrainTask", "WorkerSetup", "largest_block_params", "match_zero_init")

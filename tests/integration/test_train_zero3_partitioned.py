@@ -330,3 +330,51 @@ def test_zero3_partitioned_load_and_a_train_step_on_gpu(upstream: Path, tmp_path
             os.environ.pop("DS_ACCELERATOR", None)
         else:
             os.environ["DS_ACCELERATOR"] = saved
+
+
+def _gathered_at_head(folder: Path, ds_config: dict[str, Any],
+                      steps: int = 3) -> tuple[list[int], int, int]:
+    """Train the Llama in ``folder`` loaded partitioned (world 1, every parameter
+    partitioned, activation checkpointing) for ``steps`` steps; per step, the parameter
+    elements held gathered when the LM head runs, the largest block's and the whole model's
+    size."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from recoup.cluster.train_task import largest_block_params
+
+    model = load_partitioned(folder, ds_config)
+    model.train().activation_checkpointing_enable({"use_reentrant": False})
+    params = list(model.parameters())
+    block, total = largest_block_params(model), sum(full_numel(p) for p in params)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      optimizer=torch.optim.SGD(params, lr=1e-3))
+    live: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda *_: live.append(sum(
+        full_numel(p) for p in params if p.ds_status == ZeroParamStatus.AVAILABLE)))
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    return live, block, total
+
+
+def test_zero3_limits_keep_two_blocks_gathered_not_the_model(tmp_path: Path) -> None:
+    """DeepSpeed's default gathering limits (1e9 elements) keep every block gathered once a
+    step has used it twice (checkpointing's recompute), so from the second step a rank holds
+    the whole model; the limits sized by the block (``with_zero3_limits``) hold at most two
+    blocks and the LM head."""
+    from recoup.cluster.engine import with_zero3_limits
+
+    model, _ = modelio.build_tiny_llama(modelio.TinyLlamaConfig(layers=6), torch.float32)
+    model.save_pretrained(tmp_path)
+    head = model.lm_head.weight.numel()
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    with process_group():
+        default, block, total = _gathered_at_head(tmp_path, base)
+    assert block > 0 and default[0] < total // 2 and default[-1] == total, default
+    with process_group():
+        limited, _, _ = _gathered_at_head(tmp_path, with_zero3_limits(base, block))
+    assert max(limited) <= 2 * block + head < total, (limited, block, head)

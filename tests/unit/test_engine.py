@@ -32,3 +32,32 @@ def test_deepspeed_config_from_the_typed_config() -> None:
 def test_engine_config_refuses_param_offload_without_zero3() -> None:
     with pytest.raises(ValueError, match="zero_stage 3"):
         EngineConfig(zero_stage=2, offload_params=True)
+
+
+def test_zero3_limits_are_sized_by_the_block_and_touch_only_stage3() -> None:
+    from recoup.cluster.engine import ZERO3_LIVE_BLOCKS, with_zero3_limits, zero3_live_limits
+
+    assert zero3_live_limits(1000) == {"stage3_max_live_parameters": ZERO3_LIVE_BLOCKS * 1000,
+                                       "stage3_max_reuse_distance": 1000,
+                                       "stage3_prefetch_bucket_size": 1000}
+    with pytest.raises(ValueError, match="block_params"):
+        zero3_live_limits(0)
+    z3 = deepspeed_config(EngineConfig(zero_stage=3), world_size=2, bf16=False)
+    limited = with_zero3_limits(z3, 1000)
+    assert limited["zero_optimization"] == {**z3["zero_optimization"], **zero3_live_limits(1000)}
+    assert "stage3_max_live_parameters" not in z3["zero_optimization"]  # input left alone
+    z2 = deepspeed_config(EngineConfig(zero_stage=2), world_size=2, bf16=False)
+    assert with_zero3_limits(z2, 1000) == z2
+    assert with_zero3_limits(z3, 0) == z3  # no repeated block: DeepSpeed's limits stand
+
+
+def test_largest_block_is_a_decoder_layer() -> None:
+    import torch
+
+    from recoup.cluster.train_task import largest_block_params
+    from tests.conftest import tiny_pruned_llama
+
+    model = tiny_pruned_llama()
+    layer = model.model.layers[0]
+    assert largest_block_params(model) == sum(p.numel() for p in layer.parameters())
+    assert largest_block_params(torch.nn.Linear(4, 4)) == 0
