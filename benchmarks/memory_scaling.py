@@ -45,12 +45,14 @@ transformers, peft and recoup's training code and joined a one-rank gloo group. 
 net peak is more than 15% off the plan's figure is reported as "plan off by X%".
 
 Allocator: glibc raises its mmap threshold (up to 32 MiB) each time a large mmap'ed block
-is freed, after which freed tensors below it stay in the heap. The teacher pass's logits-
-sized temporaries and ZeRO-3's gathered weights are such tensors: at 0.05 GB, one rank's
-teacher pass left 850 MB of freed logits in the heap, 20 MB with the threshold fixed at 1 MiB.
-``--mmap-threshold BYTES`` sets ``MALLOC_MMAP_THRESHOLD_`` (a fixed threshold) in every
-process started here, Ray's workers included, to show how much of a peak that is; by
-default the processes run as ``recoup run`` runs them.
+is freed, after which freed tensors below it stay in the heap. ZeRO-3's gathered weights and
+the teacher pass's logits are such tensors: at 1.5 GB, with glibc's dynamic threshold, the
+teacher pass left a whole model's worth of freed block weights resident in each worker and
+4 steps another 1.4 GB (worker peak 4.4 GB). recoup fixes the threshold at 1 MiB in its own
+processes and Ray's workers (``recoup.cluster.hostmem``), which is what this benchmark
+measures by default. ``--mmap-threshold BYTES`` sets ``MALLOC_MMAP_THRESHOLD_`` in every
+process started here instead (recoup then leaves it alone): a value of 33554432 shows
+roughly what glibc's dynamic threshold costs.
 
 The last line is ``train_peak_per_worker_over_model: X``: the largest peak RSS (VmHWM) of one
 Ray Train worker divided by the model's float32 bytes, raw (imports included). The goal
@@ -585,7 +587,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="set MALLOC_MMAP_THRESHOLD_ in every process started (default: "
-                   "unset, glibc's dynamic threshold)")
+                   "unset: recoup fixes it at 1 MiB itself, recoup.cluster.hostmem)")
     p.add_argument("--data-dir", type=Path,
                    default=Path(os.environ.get("RECOUP_DATA_DIR", REPO.parent / "shared/data")))
     p.add_argument("--work-dir", type=Path, default=None,
@@ -629,7 +631,8 @@ def main() -> None:
               f"{'off' if args.no_checkpointing else 'on'}, micro-batch {args.micro_batch} x "
               f"{args.seq_len} tokens, {args.steps} steps; data {args.samples} samples; "
               f"evaluate {args.eval_windows} windows x {args.eval_seq_len}; malloc mmap "
-              f"threshold {args.mmap_threshold or 'dynamic (glibc default)'}", flush=True)
+              f"threshold {args.mmap_threshold or 'fixed at 1 MiB by recoup (cluster/hostmem.py)'}",
+              flush=True)
 
         t0 = time.perf_counter()
         idle = {"stage": idle_baseline("stage", env), "worker": idle_baseline("worker", env)}

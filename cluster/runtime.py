@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from recoup.cluster.config import ClusterConfig
+from recoup.cluster.hostmem import worker_env
 from recoup.cluster.placement import DEFAULT_STRATEGY, Strategy, placement_problem
 from recoup.cluster.progress import (
     POLL_INTERVAL_S,
@@ -76,6 +77,8 @@ def start_ray(cfg: ClusterConfig, *, log_to_driver: bool = True) -> bool:
                 _node_ip_address="127.0.0.1",
                 log_to_driver=log_to_driver,
                 configure_logging=False,
+                # every worker frees its big tensors back to the OS (cluster/hostmem.py)
+                runtime_env={"env_vars": env} if (env := worker_env()) else None,
             )
     return True
 

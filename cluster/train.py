@@ -53,6 +53,7 @@ from recoup.cluster.engine import (
     use_checkpointing,
     with_zero3_limits,
 )
+from recoup.cluster.hostmem import fix_mmap_threshold
 from recoup.cluster.progress import attached
 from recoup.cluster.progress import current as current_channel
 from recoup.cluster.train_state import (
@@ -138,6 +139,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """
     import torch.distributed as dist
 
+    fix_mmap_threshold()  # freed blocks and activations go back to the OS (hostmem.py)
     engine_cfg: EngineConfig = config["engine"]
     device = _worker_device(config["device"])
     _set_accelerator(device.type)

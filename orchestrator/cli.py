@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     configure_console(logging.DEBUG if args.debug else logging.INFO,
                       verbose=args.debug or getattr(args, "verbose", False))
+    from recoup.cluster.hostmem import fix_mmap_threshold
+
+    fix_mmap_threshold()  # in-process stages free models and batches back to the OS
     from recoup.orchestrator.config import ConfigError
     from recoup.orchestrator.lock import LockHeldError
     from recoup.orchestrator.runner import StageFailedError

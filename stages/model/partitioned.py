@@ -125,21 +125,26 @@ def fill_partitioned(model: nn.Module, folder: Path) -> None:
     stored = checkpoint_files(folder)
     keys = _source_keys(model, stored, folder)
     seen: set[int] = set()
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if not params:
+            continue
+        # the files opened for this module only: a safetensors handle maps its whole file,
+        # and the pages read through a handle kept open for the whole load would add up to
+        # the model on rank 0 (page cache, but resident in the process)
+        with gathered(params, modifier_rank=0), contextlib.ExitStack() as files:
+            if rank == 0:
+                handles: dict[Path, Any] = {}
+                for p in params:
+                    key = keys[id(p)]
+                    value = _read(files, handles, stored[key], key)
+                    if value.shape != p.shape:
+                        raise ValueError(f"{stored[key]}: {key} is {tuple(value.shape)}"
+                                         f", the model's parameter {tuple(p.shape)}")
+                    p.data.copy_(value.to(p.dtype))
     with contextlib.ExitStack() as files:
-        handles: dict[Path, Any] = {}
-        for module in model.modules():
-            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-            seen.update(id(p) for p in params)
-            if params:
-                with gathered(params, modifier_rank=0):
-                    if rank == 0:
-                        for p in params:
-                            key = keys[id(p)]
-                            value = _read(files, handles, stored[key], key)
-                            if value.shape != p.shape:
-                                raise ValueError(f"{stored[key]}: {key} is {tuple(value.shape)}"
-                                                 f", the model's parameter {tuple(p.shape)}")
-                            p.data.copy_(value.to(p.dtype))
+        handles = {}
         for name, buf in model.named_buffers():
             if name in stored:
                 buf.copy_(_read(files, handles, stored[name], name).to(buf))

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from recoup.cluster.hostmem import trim_host_heap
 from recoup.cluster.train_task import WorkerSetup
 from recoup.orchestrator.store import atomic_path
 from recoup.stages.model import modelio
@@ -142,27 +143,13 @@ def _load_teacher(job: TrainJob, setup: WorkerSetup) -> Any:
 
 def _free_memory(device: torch.device) -> None:
     """Return a dropped model's memory now, before the student is built. On the host,
-    glibc keeps freed blocks below its mmap threshold (the teacher's ~30 MB logits
-    buffers) on its heap: ``malloc_trim`` hands them back to the OS, which measured
-    0.85 GB of a 1.56 GB worker peak on a small model (benchmarks/memory_scaling.py)."""
+    glibc keeps freed blocks below its mmap threshold on its heap (:mod:`recoup.cluster.hostmem`
+    fixes the threshold in recoup's workers; this is for a process where it is not fixed):
+    ``malloc_trim`` hands them back to the OS."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     trim_host_heap()
-
-
-def trim_host_heap() -> None:
-    """glibc's ``malloc_trim(0)``; a no-op where the C library has none (musl, macOS)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
 
 
 def cache_teacher(job: TrainJob, setup: WorkerSetup) -> TopKStore:
