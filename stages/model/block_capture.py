@@ -78,19 +78,22 @@ class BlockWeights:
         self.decoder = layout.llama_decoder(skeleton)
         self.prefix = next(n for n, m in skeleton.named_modules() if m is self.decoder)
         self.files = weight_files(folder)
-        self._handles: dict[Path, Any] = {}
 
     @property
     def num_layers(self) -> int:
         return len(self.decoder.layers)
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened for this call only: a safetensors handle
+        maps its whole file, and the pages read through handles kept open for the whole run
+        would add up to the model (page cache, but resident in this process)."""
         from safetensors import safe_open
 
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(name)  # type: ignore[no-any-return]
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self.files[n] for n in names}):
+            with safe_open(file, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names if self.files[n] == file})
+        return out
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every stored tensor under ``prefix`` (e.g. ``model.layers.3.``), keyed by the
@@ -99,7 +102,7 @@ class BlockWeights:
         if not names:
             raise ValueError(f"{self.folder}: its safetensors files hold no tensor under "
                              f"{prefix!r}")
-        return {n[len(prefix):]: self._read(n) for n in names}
+        return {n[len(prefix):]: t for n, t in self._read(names).items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every stored tensor, read from the file headers only."""
@@ -113,7 +116,8 @@ class BlockWeights:
 
     def embedding(self) -> torch.Tensor:
         """The token embedding matrix (vocab, hidden) on the CPU, in the model's dtype."""
-        return self._read(f"{self.prefix}.embed_tokens.weight").to(self.dtype)
+        name = f"{self.prefix}.embed_tokens.weight"
+        return self._read([name])[name].to(self.dtype)
 
     def rotary(self, device: torch.device) -> nn.Module:
         """The decoder's rotary embedding, built anew (it holds no stored weights: its
