@@ -105,7 +105,9 @@ def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
     shape = resolve_model(c13)
     parts = train_parts(shape, c13.train, 8, heads=heads_of(c13, shape))
     assert parts["frozen weights / world size (ZeRO-3)"] == math.ceil(2 * shape.params / 8)
-    assert parts["2 gathered blocks (ZeRO-3)"] == 2 * 2 * shape.block_params
+    card = shape.card
+    assert parts["2 gathered blocks + the LM head (ZeRO-3)"] == 2 * (
+        2 * shape.block_params + card.vocab * card.hidden)
     heads = heads_of(c13, shape)
     assert heads == round(0.25 * 40 * 40)
     # beta and b (2 x d_head) per chosen head; 16 B each, all sharded under ZeRO-3
