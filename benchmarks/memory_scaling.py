@@ -22,7 +22,10 @@ What is measured: a thread polls ``/proc/PID/status`` of the ``recoup run`` proc
 its descendants (Ray's raylet, the stage's Ray task, the Ray Train workers) every
 ``--interval`` seconds. Per process it keeps the kernel's high-water mark ``VmHWM`` (exact,
 whatever the polling misses) and the largest ``RssAnon`` and ``RssFile`` seen; for the
-``recoup run`` process itself ``wait4``'s ``ru_maxrss`` is exact too. "peak RSS" is VmHWM,
+``recoup run`` process itself ``wait4``'s ``ru_maxrss`` is used too where it exceeds what
+the process inherited at its start (Linux carries the spawning process's resident set into
+a child's ``ru_maxrss``: without that check every in-process stage showed this script's own
+1.9 GB). "peak RSS" is VmHWM,
 what ``ps`` and ``ru_maxrss`` call the resident set: it includes pages of memory-mapped
 files (``RssFile``: shared libraries, and the safetensors files that collect and the
 partitioned ZeRO-3 load read through ``safe_open``'s mmap; page cache that the kernel can
@@ -299,8 +302,10 @@ class StageRun:
 def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
                  ) -> tuple[int, float, TreeMonitor, int]:
     """Run ``cmd`` with its output in ``log`` while a :class:`TreeMonitor` watches it;
-    returns (exit status, seconds, monitor, ru_maxrss of the process in bytes)."""
+    returns (exit status, seconds, monitor, ru_maxrss of the process in bytes, or 0 where
+    it is only what the child inherited from this process)."""
     started = time.perf_counter()
+    own = _own_rss()
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         monitor = TreeMonitor(proc.pid, interval)
@@ -308,7 +313,20 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     monitor.stop()
-    return proc.returncode, time.perf_counter() - started, monitor, usage.ru_maxrss * 1024
+    maxrss = usage.ru_maxrss * 1024
+    # Linux carries the spawning process's resident set into the child's ru_maxrss at exec
+    # (this script holds GBs after building the model): a figure no larger than that says
+    # nothing about the child, whose own high-water mark the monitor read (VmHWM)
+    return (proc.returncode, time.perf_counter() - started, monitor,
+            maxrss if maxrss > own else 0)
+
+
+def _own_rss() -> int:
+    """This process's resident set now, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # --------------------------------------------------------------------------- idle baselines
