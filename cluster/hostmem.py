@@ -8,11 +8,11 @@ ZeRO-3, a batch's logits, a layer's activations) comes from the heap, and a heap
 memory back to the OS only from its top: interleaved with live tensors, the freed ones stay
 resident. Measured on a 1.5 GB Llama under ZeRO-3 on 2 workers (benchmarks/memory_scaling.py):
 the teacher pass grew a worker by a whole model's worth (1.5 GB) of freed block weights, and
-4 training steps by another 1.4 GB; with the threshold fixed at 1 MiB both are gone (a
-worker's peak 4.4 GB -> 2.2 GB) and the peak is what the code holds.
+4 training steps by another 1.4 GB; with the threshold fixed both are gone (a worker's peak
+4.4 GB -> 2.2 GB) and the peak is what the code holds.
 
 A fixed threshold (``mallopt``; ``MALLOC_MMAP_THRESHOLD_`` for processes started later) maps
-every allocation of 1 MiB or more on its own, so it returns to the OS when freed; smaller
+every allocation of :data:`MMAP_THRESHOLD_BYTES` or more on its own, so it returns to the OS when freed; smaller
 ones, far more numerous, still come from the heap. On a GPU the weights and activations live
 in the CUDA allocator and this only touches host buffers.
 """
@@ -23,8 +23,12 @@ import ctypes
 import ctypes.util
 import os
 
-MMAP_THRESHOLD_BYTES = 1 << 20
-"""Allocations of at least this many bytes get their own mapping (glibc)."""
+MMAP_THRESHOLD_BYTES = 4 << 20
+"""Allocations of at least this many bytes get their own mapping (glibc). 4 MiB: a gathered
+weight matrix of any model worth partitioning is larger, so it goes back to the OS when
+released. 1 MiB also returned the activations but cost 1.33x step time on the CPU (each
+mapping is page-faulted and zeroed anew); 4 MiB measured 0.91x, i.e. no cost
+(``python benchmarks/mmap_threshold.py``)."""
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 """glibc reads it at a process's start; set for Ray's workers by :func:`worker_env`."""
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
