@@ -13,8 +13,8 @@ the teacher pass grew a worker by a whole model's worth (1.5 GB) of freed block 
 
 A fixed threshold (``mallopt``; ``MALLOC_MMAP_THRESHOLD_`` for processes started later) maps
 every allocation of :data:`MMAP_THRESHOLD_BYTES` or more on its own, so it returns to the
-OS when freed; smaller ones, far more numerous, still come from the heap. On a GPU the weights and activations live
-in the CUDA allocator and this only touches host buffers.
+OS when freed; smaller ones, far more numerous, still come from the heap. On a GPU the
+weights and activations live in the CUDA allocator and this only touches host buffers.
 """
 
 from __future__ import annotations
