@@ -51,7 +51,7 @@ Allocator: glibc raises its mmap threshold (up to 32 MiB) each time a large mmap
 is freed, after which freed tensors below it stay in the heap. ZeRO-3's gathered weights and
 the teacher pass's logits are such tensors: at 1.5 GB, with glibc's dynamic threshold, the
 teacher pass left a whole model's worth of freed block weights resident in each worker and
-4 steps another 1.4 GB (worker peak 4.4 GB). recoup fixes the threshold (4 MiB) in its own
+4 steps another 1.4 GB (worker peak 4.4 GB). recoup fixes the threshold (1 MiB) in its own
 processes and Ray's workers (``recoup.cluster.hostmem``), which is what this benchmark
 measures by default. ``--mmap-threshold BYTES`` sets ``MALLOC_MMAP_THRESHOLD_`` in every
 process started here instead (recoup then leaves it alone): a value of 33554432 shows
@@ -605,7 +605,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
     p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="set MALLOC_MMAP_THRESHOLD_ in every process started (default: "
-                   "unset: recoup fixes it at 4 MiB itself, recoup.cluster.hostmem)")
+                   "unset: recoup fixes it at 1 MiB itself, recoup.cluster.hostmem)")
     p.add_argument("--data-dir", type=Path,
                    default=Path(os.environ.get("RECOUP_DATA_DIR", REPO.parent / "shared/data")))
     p.add_argument("--work-dir", type=Path, default=None,
@@ -649,7 +649,7 @@ def main() -> None:
               f"{'off' if args.no_checkpointing else 'on'}, micro-batch {args.micro_batch} x "
               f"{args.seq_len} tokens, {args.steps} steps; data {args.samples} samples; "
               f"evaluate {args.eval_windows} windows x {args.eval_seq_len}; malloc mmap "
-              f"threshold {args.mmap_threshold or 'fixed at 4 MiB by recoup (cluster/hostmem.py)'}",
+              f"threshold {args.mmap_threshold or 'fixed at 1 MiB by recoup (cluster/hostmem.py)'}",
               flush=True)
 
         t0 = time.perf_counter()

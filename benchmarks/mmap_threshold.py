@@ -3,7 +3,7 @@
     python benchmarks/mmap_threshold.py              # ~3 minutes on 2 CPU cores
     python benchmarks/mmap_threshold.py --rounds 5 --steps 8
 
-A fixed threshold (recoup: 4 MiB) maps every allocation at least that large on its own, so each is
+A fixed threshold (recoup: 1 MiB) maps every allocation at least that large on its own, so each is
 page-faulted in anew (and zeroed by the kernel) instead of reusing heap memory. This runs
 the same forward + backward steps of a random Llama (each step in a fresh process per
 setting, alternating settings round by round, since these machines are noisy) with glibc's

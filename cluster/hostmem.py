@@ -23,12 +23,14 @@ import ctypes
 import ctypes.util
 import os
 
-MMAP_THRESHOLD_BYTES = 4 << 20
-"""Allocations of at least this many bytes get their own mapping (glibc). 4 MiB: a gathered
-weight matrix of any model worth partitioning is larger, so it goes back to the OS when
-released. 1 MiB also returned the activations but cost 1.33x step time on the CPU (each
-mapping is page-faulted and zeroed anew); 4 MiB measured 0.91x, i.e. no cost
-(``python benchmarks/mmap_threshold.py``)."""
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Allocations of at least this many bytes get their own mapping (glibc). Measured at 1.5 GB
+under ZeRO-3 (benchmarks/memory_scaling.py), a training worker's peak: 4.43 GB with glibc's
+dynamic threshold, 2.79 GB at 4 MiB, 2.22 GB at 1 MiB. The price is on the CPU: each
+mapping is page-faulted and zeroed anew, 1.33x the step time of a small Llama at 1 MiB and
+none at 4 MiB (``python benchmarks/mmap_threshold.py``). recoup is for models whose memory
+is the constraint, so 1 MiB; set ``MALLOC_MMAP_THRESHOLD_`` (e.g. 4194304) to trade host
+memory for CPU speed: recoup leaves a threshold from the environment alone."""
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 """glibc reads it at a process's start; set for Ray's workers by :func:`worker_env`."""
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
