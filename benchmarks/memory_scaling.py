@@ -305,7 +305,7 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
     returns (exit status, seconds, monitor, ru_maxrss of the process in bytes, or 0 where
     it is only what the child inherited from this process)."""
     started = time.perf_counter()
-    own = _own_rss()
+    own = (proc_status(os.getpid()) or {}).get("VmRSS", 0)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         monitor = TreeMonitor(proc.pid, interval)
@@ -319,14 +319,6 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
     # nothing about the child, whose own high-water mark the monitor read (VmHWM)
     return (proc.returncode, time.perf_counter() - started, monitor,
             maxrss if maxrss > own else 0)
-
-
-def _own_rss() -> int:
-    """This process's resident set now, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # --------------------------------------------------------------------------- idle baselines

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -36,7 +37,9 @@ MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ``ldconfig``)."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

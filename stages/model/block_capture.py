@@ -36,6 +36,7 @@ from torch import nn
 
 from recoup.stages.model import capture, layout
 from recoup.stages.model.capture import PaddingSide, Position
+from recoup.stages.model.partitioned import read_tensors
 from recoup.stages.model.tokenize import TokenSeq
 
 SINGLE_FILE = "model.safetensors"
@@ -83,18 +84,6 @@ class BlockWeights:
     def num_layers(self) -> int:
         return len(self.decoder.layers)
 
-    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each file opened for this call only: a safetensors handle
-        maps its whole file, and the pages read through handles kept open for the whole run
-        would add up to the model (page cache, but resident in this process)."""
-        from safetensors import safe_open
-
-        out: dict[str, torch.Tensor] = {}
-        for file in sorted({self.files[n] for n in names}):
-            with safe_open(file, framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if self.files[n] == file})
-        return out
-
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every stored tensor under ``prefix`` (e.g. ``model.layers.3.``), keyed by the
         rest of its name, on the CPU."""
@@ -102,7 +91,7 @@ class BlockWeights:
         if not names:
             raise ValueError(f"{self.folder}: its safetensors files hold no tensor under "
                              f"{prefix!r}")
-        return {n[len(prefix):]: t for n, t in self._read(names).items()}
+        return {n[len(prefix):]: t for n, t in read_tensors(self.files, names).items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every stored tensor, read from the file headers only."""
@@ -117,7 +106,7 @@ class BlockWeights:
     def embedding(self) -> torch.Tensor:
         """The token embedding matrix (vocab, hidden) on the CPU, in the model's dtype."""
         name = f"{self.prefix}.embed_tokens.weight"
-        return self._read([name])[name].to(self.dtype)
+        return read_tensors(self.files, [name])[name].to(self.dtype)
 
     def rotary(self, device: torch.device) -> nn.Module:
         """The decoder's rotary embedding, built anew (it holds no stored weights: its

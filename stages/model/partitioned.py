@@ -104,13 +104,19 @@ def _source_keys(model: nn.Module, stored: Mapping[str, Path], folder: Path) -> 
     return keys
 
 
-def _read(files: contextlib.ExitStack, handles: dict[Path, Any], path: Path,
-          key: str) -> torch.Tensor:
-    if path not in handles:
-        from safetensors import safe_open
+def read_tensors(stored: Mapping[str, Path], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors (``stored``: :func:`checkpoint_files`), each file opened for this
+    call only: a safetensors handle maps its whole file, and the pages read through handles
+    kept open across a whole load would add up to the model (page cache, but resident in
+    the process)."""
+    from safetensors import safe_open
 
-        handles[path] = files.enter_context(safe_open(str(path), "pt"))
-    return handles[path].get_tensor(key)
+    wanted = list(names)
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted({stored[n] for n in wanted}):
+        with safe_open(str(path), "pt") as f:
+            out.update({n: f.get_tensor(n) for n in wanted if stored[n] == path})
+    return out
 
 
 @torch.no_grad()
@@ -130,24 +136,19 @@ def fill_partitioned(model: nn.Module, folder: Path) -> None:
         seen.update(id(p) for p in params)
         if not params:
             continue
-        # the files opened for this module only: a safetensors handle maps its whole file,
-        # and the pages read through a handle kept open for the whole load would add up to
-        # the model on rank 0 (page cache, but resident in the process)
-        with gathered(params, modifier_rank=0), contextlib.ExitStack() as files:
+        with gathered(params, modifier_rank=0):
             if rank == 0:
-                handles: dict[Path, Any] = {}
+                values = read_tensors(stored, (keys[id(p)] for p in params))
                 for p in params:
                     key = keys[id(p)]
-                    value = _read(files, handles, stored[key], key)
+                    value = values[key]
                     if value.shape != p.shape:
                         raise ValueError(f"{stored[key]}: {key} is {tuple(value.shape)}"
                                          f", the model's parameter {tuple(p.shape)}")
                     p.data.copy_(value.to(p.dtype))
-    with contextlib.ExitStack() as files:
-        handles = {}
-        for name, buf in model.named_buffers():
-            if name in stored:
-                buf.copy_(_read(files, handles, stored[name], name).to(buf))
+    buffers = dict(model.named_buffers())
+    for name, value in read_tensors(stored, (n for n in buffers if n in stored)).items():
+        buffers[name].copy_(value.to(buffers[name]))
 
 
 def zero_init_dtype(ds_config: Mapping[str, Any]) -> torch.dtype:
@@ -254,4 +255,4 @@ def gathered_forward(model: nn.Module) -> Iterator[nn.Module]:
 
 __all__ = ("checkpoint_files", "fill_partitioned", "full_numel", "full_shape", "gathered",
            "gathered_forward", "is_partitioned", "load_partitioned", "place_unpartitioned",
-           "zero_init_dtype")
+           "read_tensors", "zero_init_dtype")
