@@ -23,9 +23,9 @@ its descendants (Ray's raylet, the stage's Ray task, the Ray Train workers) ever
 ``--interval`` seconds. Per process it keeps the kernel's high-water mark ``VmHWM`` (exact,
 whatever the polling misses) and the largest ``RssAnon`` and ``RssFile`` seen; for the
 ``recoup run`` process itself ``wait4``'s ``ru_maxrss`` is used too where it exceeds what
-the process inherited at its start (Linux carries the spawning process's resident set into
-a child's ``ru_maxrss``: without that check every in-process stage showed this script's own
-1.9 GB). "peak RSS" is VmHWM,
+the process inherited at its start (Linux carries the spawning process's high-water mark
+into a child's ``ru_maxrss`` at exec: without that check every in-process stage showed this
+script's own 1.9 GB). "peak RSS" is VmHWM,
 what ``ps`` and ``ru_maxrss`` call the resident set: it includes pages of memory-mapped
 files (``RssFile``: shared libraries, and the safetensors files that collect and the
 partitioned ZeRO-3 load read through ``safe_open``'s mmap; page cache that the kernel can
@@ -38,7 +38,8 @@ per worker; on the CPU both are host memory. The prediction compared here is the
 the code holds them: where the host figure names the same tensors as the device figure
 (a model or block loaded on the host and moved to a "device" that is the host, a no-op),
 they are counted once: evaluate = device (one model + one batch), collect = device + host
-less one block, degrade = host + device less one block, prepare = host, train = device + host
+(its block is the weight file's mmap'ed pages, which the host figure leaves out),
+degrade = host + device less one block, prepare = host, train = device + host
 (rank 0's read buffer of one module beside its partition and gathered blocks). The plan
 leaves out the interpreter and its libraries, so the measured figure set against it is the
 peak less the RSS of an idle process of the same kind, measured in the same run: for the
@@ -305,7 +306,10 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
     returns (exit status, seconds, monitor, ru_maxrss of the process in bytes, or 0 where
     it is only what the child inherited from this process)."""
     started = time.perf_counter()
-    own = (proc_status(os.getpid()) or {}).get("VmRSS", 0)
+    # the high-water mark, not the current RSS: Python's subprocess forks with vfork, so at
+    # exec the child's ru_maxrss takes this process's own peak (the model build's), which
+    # is above what it holds now
+    own = (proc_status(os.getpid()) or {}).get("VmHWM", 0)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         monitor = TreeMonitor(proc.pid, interval)
@@ -314,9 +318,8 @@ def run_measured(cmd: list[str], log: Path, interval: float, env: dict[str, str]
         proc.returncode = os.waitstatus_to_exitcode(status)
     monitor.stop()
     maxrss = usage.ru_maxrss * 1024
-    # Linux carries the spawning process's resident set into the child's ru_maxrss at exec
-    # (this script holds GBs after building the model): a figure no larger than that says
-    # nothing about the child, whose own high-water mark the monitor read (VmHWM)
+    # a figure no larger than this process's own peak says nothing about the child, whose
+    # own high-water mark the monitor read (VmHWM)
     return (proc.returncode, time.perf_counter() - started, monitor,
             maxrss if maxrss > own else 0)
 
@@ -446,8 +449,7 @@ def plan_figures(cfg_path: Path) -> tuple[Any, dict[str, Any]]:
 def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     """Device + host bytes of one worker, each tensor counted once (module docstring)."""
     dev, host = est.device_bytes or 0, est.host_bytes or 0
-    overlap = {"evaluate": shape.weights_bytes, "collect": shape.block_bytes,
-               "degrade": shape.block_bytes}.get(stage, 0)
+    overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 

@@ -98,6 +98,38 @@ def test_one_block_materialized_at_a_time(saved: Path, seqs: list[TokenSeq]) -> 
     assert all(p.is_meta for p in weights.decoder.parameters())  # nothing left behind
 
 
+def test_weights_are_the_files_pages_not_copies(tmp_path: Path) -> None:
+    """What collect's plan assumes (``estimate_collect``): a block's weights (and the
+    embedding, read the same way), read through ``safe_open``, are the safetensors file's
+    mmap'ed pages (page cache), not private copies: reading a ~67 MB block on the CPU grows
+    the private memory (``RssAnon``) by far less, and touching every weight moves the
+    file-backed resident set."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads /proc/self/status")
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    config = modelio.TinyLlamaConfig(layers=1, hidden=1024, heads=8, kv_heads=8,
+                                     intermediate=4096)
+    model, tok = modelio.build_tiny_llama(config, torch.float32)
+    modelio.save_model(model, tok, tmp_path / "model")
+    del model
+    weights = BlockWeights(tmp_path / "model", torch.float32)
+    def shared() -> int:  # a file on tmpfs is counted as shmem
+        return status("RssFile:") + status("RssShmem:")
+
+    anon, file = status("RssAnon:"), shared()
+    with weights.block(0, CPU) as block:
+        block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        total = sum(float(p.sum()) for p in block.parameters())  # touches every page
+        grew_anon, grew_file = status("RssAnon:") - anon, shared() - file
+    assert block_bytes > 60e6 and total == total
+    assert grew_anon < block_bytes // 4
+    assert grew_file > block_bytes // 2
+
+
 def test_a_different_architecture_is_named(saved: Path, tmp_path: Path) -> None:
     other, tok = modelio.build_tiny_llama(TINY.model_copy(update={"intermediate": 96}),
                                           torch.float32)
