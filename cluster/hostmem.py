@@ -30,8 +30,11 @@ under ZeRO-3 (benchmarks/memory_scaling.py), a training worker's peak: 4.43 GB w
 dynamic threshold, 2.79 GB at 4 MiB, 2.22 GB at 1 MiB. The price is on the CPU: each
 mapping is page-faulted and zeroed anew, 1.33x the step time of a small Llama at 1 MiB and
 none at 4 MiB (``python benchmarks/mmap_threshold.py``). recoup is for models whose memory
-is the constraint, so 1 MiB; set ``MALLOC_MMAP_THRESHOLD_`` (e.g. 4194304) to trade host
-memory for CPU speed: recoup leaves a threshold from the environment alone."""
+is the constraint, so 1 MiB by default; ``cluster.mmap_threshold`` (the SmolLM2 CPU recipes
+set 4194304) or ``MALLOC_MMAP_THRESHOLD_`` in the environment (which recoup leaves alone)
+trade host memory for CPU speed."""
+MMAP_THRESHOLD_MAX = 32 << 20
+"""The largest threshold glibc takes on 64-bit (``HEAP_MAX_SIZE / 2``)."""
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 """glibc reads it at a process's start; set for Ray's workers by :func:`worker_env`."""
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
@@ -47,11 +50,12 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+def fix_mmap_threshold(nbytes: int | None = MMAP_THRESHOLD_BYTES) -> bool:
     """Fix this process's mmap threshold at ``nbytes`` (glibc's ``mallopt``), unless the
-    environment already sets one (the user's choice stands). True if glibc took it; False
-    where the C library has no ``mallopt`` (musl, macOS) or the environment decides."""
-    if MMAP_THRESHOLD_ENV in os.environ:
+    environment already sets one (the user's choice stands) or ``nbytes`` is None (glibc's
+    dynamic threshold, left as it is). True if glibc took it; False where the C library has
+    no ``mallopt`` (musl, macOS), the environment decides, or ``nbytes`` is None."""
+    if MMAP_THRESHOLD_ENV in os.environ or nbytes is None:
         return False
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
@@ -59,11 +63,11 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
 
 
-def worker_env(nbytes: int = MMAP_THRESHOLD_BYTES) -> dict[str, str]:
+def worker_env(nbytes: int | None = MMAP_THRESHOLD_BYTES) -> dict[str, str]:
     """Environment variables for worker processes started from here (Ray's): the same
     fixed threshold from their first allocation; empty when the environment sets one (the
-    workers inherit it)."""
-    if MMAP_THRESHOLD_ENV in os.environ:
+    workers inherit it) or ``nbytes`` is None (glibc's dynamic threshold)."""
+    if MMAP_THRESHOLD_ENV in os.environ or nbytes is None:
         return {}
     return {MMAP_THRESHOLD_ENV: str(int(nbytes))}
 
@@ -76,5 +80,6 @@ def trim_host_heap() -> None:
         libc.malloc_trim(0)
 
 
-__all__ = ("MMAP_THRESHOLD_BYTES", "MMAP_THRESHOLD_ENV", "fix_mmap_threshold",
+__all__ = ("MMAP_THRESHOLD_BYTES", "MMAP_THRESHOLD_ENV", "MMAP_THRESHOLD_MAX",
+           "fix_mmap_threshold",
            "trim_host_heap", "worker_env")

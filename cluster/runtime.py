@@ -78,7 +78,8 @@ def start_ray(cfg: ClusterConfig, *, log_to_driver: bool = True) -> bool:
                 log_to_driver=log_to_driver,
                 configure_logging=False,
                 # every worker frees its big tensors back to the OS (cluster/hostmem.py)
-                runtime_env={"env_vars": env} if (env := worker_env()) else None,
+                runtime_env={"env_vars": env} if (env := worker_env(cfg.mmap_threshold))
+                else None,
             )
     return True
 

@@ -53,7 +53,7 @@ from recoup.cluster.engine import (
     use_checkpointing,
     with_zero3_limits,
 )
-from recoup.cluster.hostmem import fix_mmap_threshold
+from recoup.cluster.hostmem import MMAP_THRESHOLD_BYTES, fix_mmap_threshold
 from recoup.cluster.progress import attached
 from recoup.cluster.progress import current as current_channel
 from recoup.cluster.train_state import (
@@ -139,7 +139,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """
     import torch.distributed as dist
 
-    fix_mmap_threshold()  # freed blocks and activations go back to the OS (hostmem.py)
+    # freed blocks and activations go back to the OS (hostmem.py)
+    fix_mmap_threshold(config.get("mmap_threshold", MMAP_THRESHOLD_BYTES))
     engine_cfg: EngineConfig = config["engine"]
     device = _worker_device(config["device"])
     _set_accelerator(device.type)
@@ -395,6 +396,7 @@ def run_training(*, make_task: TaskFactory, task_spec: Any, engine: EngineConfig
         "make_task": make_task, "task_spec": task_spec, "engine": engine, "device": device,
         "out_dir": str(out_dir), "progress": progress, "stop_after_steps": stop_after_steps,
         "crash": crash, "channel": current_channel(), "fingerprint": fingerprint,
+        "mmap_threshold": cluster.mmap_threshold,
     }
     if cluster.mode == "inprocess":
         return _run_inprocess(config)

@@ -53,6 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(
         update={"dir": cfg.run.dir.expanduser().absolute()})})
     print(f"run directory: {cfg.run.dir}")
+    from recoup.cluster.hostmem import fix_mmap_threshold
+
+    # in-process stages free models and batches back to the OS (cluster/hostmem.py)
+    fix_mmap_threshold(cfg.cluster.mmap_threshold)
     run_pipeline(cfg, executor_factory=_executor_factory(
         cfg, progress=not args.no_progress, verbose=args.verbose), progress=not args.no_progress)
     return 0
@@ -137,9 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     configure_console(logging.DEBUG if args.debug else logging.INFO,
                       verbose=args.debug or getattr(args, "verbose", False))
-    from recoup.cluster.hostmem import fix_mmap_threshold
-
-    fix_mmap_threshold()  # in-process stages free models and batches back to the OS
     from recoup.orchestrator.config import ConfigError
     from recoup.orchestrator.lock import LockHeldError
     from recoup.orchestrator.runner import StageFailedError

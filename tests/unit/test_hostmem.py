@@ -55,3 +55,22 @@ def test_workers_inherit_the_threshold_unless_the_environment_sets_one(
     assert worker_env() == {MMAP_THRESHOLD_ENV: str(MMAP_THRESHOLD_BYTES)}
     monkeypatch.setenv(MMAP_THRESHOLD_ENV, "4194304")
     assert worker_env() == {}
+
+
+def test_cluster_config_sets_or_leaves_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cluster.mmap_threshold``: a number is what workers get, null leaves glibc's dynamic
+    threshold (nothing set, nothing fixed), and a value glibc refuses names the field."""
+    from pydantic import ValidationError
+
+    from recoup.cluster.config import ClusterConfig
+    from recoup.cluster.hostmem import fix_mmap_threshold
+
+    monkeypatch.delenv(MMAP_THRESHOLD_ENV, raising=False)
+    assert ClusterConfig().mmap_threshold == MMAP_THRESHOLD_BYTES
+    assert worker_env(ClusterConfig(mmap_threshold=4 << 20).mmap_threshold) == {
+        MMAP_THRESHOLD_ENV: str(4 << 20)}
+    dynamic = ClusterConfig(mmap_threshold=None).mmap_threshold
+    assert worker_env(dynamic) == {}
+    assert fix_mmap_threshold(dynamic) is False
+    with pytest.raises(ValidationError, match="mmap_threshold"):
+        ClusterConfig(mmap_threshold=64 << 20)
