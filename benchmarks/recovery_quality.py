@@ -106,9 +106,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0,
                     help="scales training samples and optimizer steps together (default 1)")
     ap.add_argument("--samples", type=int, default=512,
-                    help="training samples at budget 1 (the shipped recipe's)")
+                    help="training samples at budget 1 (default 512: the shipped recipe's)")
     ap.add_argument("--steps", type=int, default=64,
-                    help="optimizer steps at budget 1 (the shipped recipe's: one epoch)")
+                    help="optimizer steps at budget 1 (default 64: the shipped recipe's, one "
+                         "epoch)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated, from {', '.join(METHODS)} (default: "
                          f"{', '.join(DEFAULT_METHODS)}: about an hour on 2 CPU cores)")
