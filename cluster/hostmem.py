@@ -40,6 +40,12 @@ MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
+def _left_alone(nbytes: int | None) -> bool:
+    """The threshold is not recoup's to set: the environment sets one (the user's choice
+    stands), or ``nbytes`` is None (glibc's dynamic threshold)."""
+    return MMAP_THRESHOLD_ENV in os.environ or nbytes is None
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     """The C library, looked up once (``find_library`` runs ``ldconfig``)."""
@@ -55,7 +61,7 @@ def fix_mmap_threshold(nbytes: int | None = MMAP_THRESHOLD_BYTES) -> bool:
     environment already sets one (the user's choice stands) or ``nbytes`` is None (glibc's
     dynamic threshold, left as it is). True if glibc took it; False where the C library has
     no ``mallopt`` (musl, macOS), the environment decides, or ``nbytes`` is None."""
-    if MMAP_THRESHOLD_ENV in os.environ or nbytes is None:
+    if _left_alone(nbytes):
         return False
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
@@ -67,7 +73,7 @@ def worker_env(nbytes: int | None = MMAP_THRESHOLD_BYTES) -> dict[str, str]:
     """Environment variables for worker processes started from here (Ray's): the same
     fixed threshold from their first allocation; empty when the environment sets one (the
     workers inherit it) or ``nbytes`` is None (glibc's dynamic threshold)."""
-    if MMAP_THRESHOLD_ENV in os.environ or nbytes is None:
+    if _left_alone(nbytes):
         return {}
     return {MMAP_THRESHOLD_ENV: str(int(nbytes))}
 

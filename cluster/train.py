@@ -53,7 +53,7 @@ from recoup.cluster.engine import (
     use_checkpointing,
     with_zero3_limits,
 )
-from recoup.cluster.hostmem import MMAP_THRESHOLD_BYTES, fix_mmap_threshold
+from recoup.cluster.hostmem import fix_mmap_threshold
 from recoup.cluster.progress import attached
 from recoup.cluster.progress import current as current_channel
 from recoup.cluster.train_state import (
@@ -140,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     # freed blocks and activations go back to the OS (hostmem.py)
-    fix_mmap_threshold(config.get("mmap_threshold", MMAP_THRESHOLD_BYTES))
+    fix_mmap_threshold(config["mmap_threshold"])
     engine_cfg: EngineConfig = config["engine"]
     device = _worker_device(config["device"])
     _set_accelerator(device.type)

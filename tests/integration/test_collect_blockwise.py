@@ -111,15 +111,15 @@ def test_weights_are_the_files_pages_not_copies(tmp_path: Path) -> None:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
+    def shared() -> int:  # a file on tmpfs is counted as shmem
+        return status("RssFile:") + status("RssShmem:")
+
     config = modelio.TinyLlamaConfig(layers=1, hidden=1024, heads=8, kv_heads=8,
                                      intermediate=4096)
     model, tok = modelio.build_tiny_llama(config, torch.float32)
     modelio.save_model(model, tok, tmp_path / "model")
     del model
     weights = BlockWeights(tmp_path / "model", torch.float32)
-    def shared() -> int:  # a file on tmpfs is counted as shmem
-        return status("RssFile:") + status("RssShmem:")
-
     anon, file = status("RssAnon:"), shared()
     with weights.block(0, CPU) as block:
         block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
