@@ -48,6 +48,12 @@ class EngineConfig(StrictModel):
     grad_accum: int = Field(
         1, ge=1, description="Micro-batches accumulated per optimizer step."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Batch samples of about one length together (sorted within groups of 50 "
+        "global batches, the batches shuffled): less right padding and less waiting for the "
+        "slowest worker. Needs a task that knows its sample lengths.",
+    )
     steps: int = Field(100, ge=1, description="Optimizer steps to train.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

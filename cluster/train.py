@@ -73,6 +73,7 @@ from recoup.cluster.train_task import (
     WorkerSetup,
     largest_block_params,
     match_zero_init,
+    sample_lengths,
 )
 from recoup.orchestrator.store import TMP_MARK, atomic_write_json, commit_path, tmp_path_for
 
@@ -186,6 +187,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     log = StepLog(out_dir / LOG, enabled=rank == 0)
     log.truncate_after(start)
     n = task.num_samples()
+    lengths = sample_lengths(task) if engine_cfg.group_by_length else None
     accum = engine_cfg.grad_accum
     tokens_total = 0
     stop = config.get("stop_after_steps")
@@ -202,7 +204,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             g = step * accum + micro
             torch.manual_seed(micro_seed(engine_cfg.seed, g, rank, world))
             idx = sample_indices(n, seed=engine_cfg.seed, micro_batch=engine_cfg.micro_batch,
-                                 world_size=world, g=g, rank=rank)
+                                 world_size=world, g=g, rank=rank, lengths=lengths)
             batch = task.batch(idx, device)
             loss, parts, tokens = task.loss(engine, batch)
             engine.backward(loss)

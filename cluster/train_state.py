@@ -1,8 +1,9 @@
 """What makes a resumed training run end where an uninterrupted one ends: the
 deterministic data order, the checkpoints and the step log.
 
-- the samples of micro-batch ``g`` on rank ``r`` are a pure function of (seed, g, r):
-  a stream of seeded per-epoch permutations, cut in order (:func:`sample_indices`);
+- the samples of micro-batch ``g`` on rank ``r`` are a pure function of (seed, g, r) and
+  the sample lengths: a stream of seeded per-epoch permutations, optionally grouped by
+  length, cut in order (:func:`sample_indices`);
 - the torch RNG is reseeded from (seed, g, r) before every micro-batch (:func:`micro_seed`);
 - checkpoints (``OUT/checkpoints``): DeepSpeed tags ``step-NNNNNN``; one counts only once
   ``latest.json`` names it (written atomically by rank 0 after every rank saved); a
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,25 +40,59 @@ _SEED_MIX = 1_000_003
 # --------------------------------------------------------------------------- pure helpers
 
 
+GROUP_BATCHES = 50
+"""Global micro-batches per length-sorted group (:func:`epoch_order`): enough that each batch
+of the group holds samples of nearly one length, few enough that an epoch still mixes
+(Hugging Face's ``group_by_length`` uses the same 50)."""
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, batch: int,
+                lengths: Sequence[int] | None = None) -> list[int]:
+    """Epoch ``epoch``'s sample order: a permutation seeded by (seed, epoch).
+
+    With ``lengths`` (tokens per sample), the permutation is cut into groups of
+    :data:`GROUP_BATCHES` x ``batch`` samples, each group sorted by length and cut into
+    batches of ``batch``, and the batches shuffled (same generator): every batch then holds
+    samples of about one length, so right padding (to the longest in the micro-batch) and
+    the wait for the slowest rank (each rank takes a slice of the same batch) waste little,
+    while which samples meet in a batch stays random from group to group.
+    """
+    gen = torch.Generator().manual_seed(seed * _SEED_MIX + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()
+    if lengths is None:
+        return perm
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} sample lengths for {n} samples")
+    size = batch * GROUP_BATCHES
+    batches = []
+    for start in range(0, n, size):
+        group = sorted(perm[start: start + size], key=lambda i: -lengths[i])
+        batches += [group[i: i + batch] for i in range(0, len(group), batch)]
+    shuffled = torch.randperm(len(batches), generator=gen).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
 def sample_indices(n: int, *, seed: int, micro_batch: int, world_size: int, g: int,
-                   rank: int) -> list[int]:
+                   rank: int, lengths: Sequence[int] | None = None) -> list[int]:
     """Indices of micro-batch ``g`` (global, counting accumulation steps) on ``rank``.
 
-    The samples form a stream of per-epoch permutations, each seeded by (seed, epoch);
-    micro-batch ``g`` takes the ``world_size * micro_batch`` stream entries from position
-    ``g * world_size * micro_batch``, rank ``r`` the ``r``-th ``micro_batch`` of them.
+    The samples form a stream of per-epoch orders (:func:`epoch_order`, grouped by
+    ``lengths`` when given), micro-batch ``g`` takes the ``world_size * micro_batch``
+    stream entries from position ``g * world_size * micro_batch``, rank ``r`` the ``r``-th
+    ``micro_batch`` of them.
     """
     if n < 1:
         raise ValueError("no training samples")
+    batch = world_size * micro_batch
     start = (g * world_size + rank) * micro_batch
     out = []
-    perms: dict[int, torch.Tensor] = {}
+    orders: dict[int, list[int]] = {}
     for pos in range(start, start + micro_batch):
         epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            gen = torch.Generator().manual_seed(seed * _SEED_MIX + epoch)
-            perms[epoch] = torch.randperm(n, generator=gen)
-        out.append(int(perms[epoch][i]))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed=seed, epoch=epoch, batch=batch,
+                                        lengths=lengths)
+        out.append(orders[epoch][i])
     return out
 
 

@@ -36,7 +36,9 @@ class TrainTask(Protocol):
         """Write the trained parameters to ``folder`` (rank 0, parameters gathered).
 
         Optional: ``param_groups(lr) -> list[dict]``, AdamW parameter groups (each may set
-        its own ``lr``); without it every trainable parameter trains at ``lr``."""
+        its own ``lr``); without it every trainable parameter trains at ``lr``.
+        ``sample_lengths() -> Sequence[int]``: tokens per sample, what
+        ``train.engine.group_by_length`` batches by."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,20 @@ def match_zero_init(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
             p.data = p.data.to(dtype)
 
 
+def sample_lengths(task: TrainTask) -> list[int]:
+    """The task's tokens per sample, for length-grouped batches; a task that cannot say is
+    refused by name rather than trained in another order than asked."""
+    lengths = getattr(task, "sample_lengths", None)
+    if lengths is None:
+        raise ValueError(f"train.engine.group_by_length needs a task with sample_lengths(); "
+                         f"{type(task).__name__} has none")
+    out = [int(n) for n in lengths()]
+    if len(out) != task.num_samples():
+        raise ValueError(f"{type(task).__name__}.sample_lengths() gives {len(out)} lengths "
+                         f"for {task.num_samples()} samples")
+    return out
+
+
 def largest_block_params(module: torch.nn.Module) -> int:
     """Parameters of the largest repeated block (a child of the module's longest
     ``ModuleList``: a decoder layer), counted whole whether ZeRO-3 partitioned them
@@ -98,4 +114,5 @@ def largest_block_params(module: torch.nn.Module) -> int:
                for block in longest)
 
 
-__all__ = ("TaskFactory", "TrainTask", "WorkerSetup", "largest_block_params", "match_zero_init")
+__all__ = ("TaskFactory", "TrainTask", "WorkerSetup", "largest_block_params", "match_zero_init",
+           "sample_lengths")

@@ -132,6 +132,10 @@ class RecoveryTask:
     def num_samples(self) -> int:
         return len(self.job.samples)
 
+    def sample_lengths(self) -> list[int]:
+        """Tokens per sample (prompt + response), what length-grouped batches sort by."""
+        return [len(s.ids) for s in self.job.samples]
+
     def batch(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         b = collate([self.job.samples[i] for i in indices], self.job.pad_id)
         if self.topk is not None:

@@ -247,7 +247,9 @@ def test_lcc_lora_on_two_ray_workers_with_zero3(upstream: Upstream, tmp_path: Pa
 @pytest.mark.parametrize("zero_stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(
         upstream: Upstream, tmp_path: Path, zero_stage: int) -> None:
-    cfg = _config(upstream, method="lcc", engine={"zero_stage": zero_stage})
+    # length-grouped batches: the order a resume must reproduce is the grouped one
+    cfg = _config(upstream, method="lcc", engine={"zero_stage": zero_stage,
+                                                  "group_by_length": True})
     job, _ = build_job(_ctx("train", cfg, tmp_path / "unused", upstream.inputs))
 
     def train(out: Path, stop: int | None = None) -> dict[str, Any]:
