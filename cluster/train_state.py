@@ -41,59 +41,68 @@ _SEED_MIX = 1_000_003
 
 
 GROUP_BATCHES = 50
-"""Global micro-batches per length-sorted group (:func:`epoch_order`): enough that each batch
-of the group holds samples of nearly one length, few enough that an epoch still mixes
+"""Global micro-batches per length-sorted window (:func:`sample_indices`): enough that each
+batch of a window holds samples of nearly one length, few enough that the data still mixes
 (Hugging Face's ``group_by_length`` uses the same 50)."""
 
+_WINDOW_MIX = 998_244_353
+"""Prime mixing (seed, window) into the seed of a window's batch shuffle."""
 
-def epoch_order(n: int, *, seed: int, epoch: int, batch: int,
-                lengths: Sequence[int] | None = None) -> list[int]:
-    """Epoch ``epoch``'s sample order: a permutation seeded by (seed, epoch).
 
-    With ``lengths`` (tokens per sample), the permutation is cut into groups of
-    :data:`GROUP_BATCHES` x ``batch`` samples, each group sorted by length and cut into
-    batches of ``batch``, and the batches shuffled (same generator): every batch then holds
-    samples of about one length, so right padding (to the longest in the micro-batch) and
-    the wait for the slowest rank (each rank takes a slice of the same batch) waste little,
-    while which samples meet in a batch stays random from group to group.
-    """
-    gen = torch.Generator().manual_seed(seed * _SEED_MIX + epoch)
-    perm = torch.randperm(n, generator=gen).tolist()
-    if lengths is None:
-        return perm
-    if len(lengths) != n:
-        raise ValueError(f"{len(lengths)} sample lengths for {n} samples")
-    size = batch * GROUP_BATCHES
-    batches = []
-    for start in range(0, n, size):
-        group = sorted(perm[start: start + size], key=lambda i: -lengths[i])
-        batches += [group[i: i + batch] for i in range(0, len(group), batch)]
-    shuffled = torch.randperm(len(batches), generator=gen).tolist()
-    return [i for b in shuffled for i in batches[b]]
+def _stream(n: int, seed: int, positions: range) -> list[int]:
+    """Entries ``positions`` of the sample stream: per-epoch permutations seeded by (seed,
+    epoch), one after the other."""
+    perms: dict[int, list[int]] = {}
+    out = []
+    for pos in positions:
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * _SEED_MIX + epoch)
+            perms[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(perms[epoch][i])
+    return out
+
+
+def grouped_window(n: int, *, seed: int, batch: int, window: int,
+                   lengths: Sequence[int]) -> list[list[int]]:
+    """The :data:`GROUP_BATCHES` global batches of stream window ``window`` (stream entries
+    ``[window * G * batch, (window + 1) * G * batch)``): the window's samples sorted by length,
+    cut into batches of ``batch``, the batches shuffled (seeded by (seed, window)). Each
+    batch holds samples of about one length, while which samples meet stays random from
+    window to window and long and short batches interleave."""
+    size = GROUP_BATCHES * batch
+    entries = _stream(n, seed, range(window * size, (window + 1) * size))
+    entries.sort(key=lambda i: -lengths[i])  # stable: ties keep the stream's order
+    batches = [entries[j: j + batch] for j in range(0, size, batch)]
+    gen = torch.Generator().manual_seed((seed * _WINDOW_MIX + window) % (2**63))
+    return [batches[j] for j in torch.randperm(GROUP_BATCHES, generator=gen).tolist()]
 
 
 def sample_indices(n: int, *, seed: int, micro_batch: int, world_size: int, g: int,
                    rank: int, lengths: Sequence[int] | None = None) -> list[int]:
     """Indices of micro-batch ``g`` (global, counting accumulation steps) on ``rank``.
 
-    The samples form a stream of per-epoch orders (:func:`epoch_order`, grouped by
-    ``lengths`` when given), micro-batch ``g`` takes the ``world_size * micro_batch``
-    stream entries from position ``g * world_size * micro_batch``, rank ``r`` the ``r``-th
-    ``micro_batch`` of them.
+    The samples form a stream of seeded per-epoch permutations; micro-batch ``g`` is the
+    global batch of ``world_size * micro_batch`` entries from position ``g * world_size *
+    micro_batch``, or, with ``lengths`` (tokens per sample), batch ``g mod G`` of window
+    ``g div G`` sorted by length (:func:`grouped_window`), so right padding (to the longest
+    in the micro-batch) and the wait for the slowest rank (each rank takes a slice of the
+    same batch) waste little. A window holds the same stream entries in another order, and
+    windows are whole batches of the stream whatever the sample count, so window by window
+    each sample comes as often as without grouping. Rank ``r`` takes the ``r``-th
+    ``micro_batch`` of the global batch.
     """
     if n < 1:
         raise ValueError("no training samples")
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"{len(lengths)} sample lengths for {n} samples")
     batch = world_size * micro_batch
-    start = (g * world_size + rank) * micro_batch
-    out = []
-    orders: dict[int, list[int]] = {}
-    for pos in range(start, start + micro_batch):
-        epoch, i = divmod(pos, n)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(n, seed=seed, epoch=epoch, batch=batch,
-                                        lengths=lengths)
-        out.append(orders[epoch][i])
-    return out
+    if lengths is None:
+        start = g * batch + rank * micro_batch
+        return _stream(n, seed, range(start, start + micro_batch))
+    window, j = divmod(g, GROUP_BATCHES)
+    chosen = grouped_window(n, seed=seed, batch=batch, window=window, lengths=lengths)[j]
+    return chosen[rank * micro_batch: (rank + 1) * micro_batch]
 
 
 def micro_seed(seed: int, g: int, rank: int, world_size: int) -> int:

@@ -76,3 +76,20 @@ def test_group_by_length_needs_a_task_that_knows_its_lengths() -> None:
     with pytest.raises(ValueError, match="group_by_length needs a task with sample_lengths"):
         sample_lengths(_Unsized())  # type: ignore[arg-type]
     assert sample_lengths(_Sized()) == [5, 9, 2, 7]  # type: ignore[arg-type]
+
+
+def test_length_grouping_stays_aligned_when_batches_do_not_divide_the_samples() -> None:
+    """284 samples are 35.5 global batches of 8: the grouped windows still cut the stream
+    at whole batches, so each batch stays one length and each window holds the stream's
+    own entries (the samples come as often as without grouping)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 284
+    lengths = torch.randint(8, 257, (n,), generator=gen).tolist()
+    grouped, plain = _batches(n, lengths, epochs=3), _batches(n, None, epochs=3)
+    window = 50  # batches per window: recoup.cluster.train_state.GROUP_BATCHES
+    for w in range(2):
+        a = sorted(i for b in grouped[w * window: (w + 1) * window] for i in b)
+        b = sorted(i for b in plain[w * window: (w + 1) * window] for i in b)
+        assert a == b
+    real = sum(lengths[i] for b in grouped for i in b)
+    assert real / sum(8 * max(lengths[i] for i in b) for b in grouped) > 0.95
