@@ -4,9 +4,10 @@
     python benchmarks/recovery_quality.py --degrade sparsegpt-2:4
     python benchmarks/recovery_quality.py --degrade rtn-int3 --budget 0.5   # half the budget
     python benchmarks/recovery_quality.py --methods lcc,lcc-closed --split tune
+    python benchmarks/recovery_quality.py --methods lcc+lora --budget 2  # the recipe's budget
 
 What it runs is what a user runs: ``recoup run`` on ``configs/smollm2-recover.yaml`` (the
-shipped recipe: its losses, learning rates, inits and head count), with
+shipped recipe: its losses, learning rates, inits, head count and length-grouped batches), with
 
 - one shared prefix (prepare -> degrade -> data -> collect -> svd -> select) computed once
   in ``OUT/prefix`` and copied into one run directory per method, so every method sees the
@@ -106,10 +107,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0,
                     help="scales training samples and optimizer steps together (default 1)")
     ap.add_argument("--samples", type=int, default=512,
-                    help="training samples at budget 1 (default 512: the shipped recipe's)")
+                    help="training samples at budget 1 (default 512, one epoch: half the "
+                         "shipped recipe's 1024, so that the default run fits an hour; "
+                         "--budget 2 is the recipe's)")
     ap.add_argument("--steps", type=int, default=64,
-                    help="optimizer steps at budget 1 (default 64: the shipped recipe's, one "
-                         "epoch)")
+                    help="optimizer steps at budget 1 (default 64: one epoch of the samples)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated, from {', '.join(METHODS)} (default: "
                          f"{', '.join(DEFAULT_METHODS)}: about an hour on 2 CPU cores)")
