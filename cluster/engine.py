@@ -50,9 +50,10 @@ class EngineConfig(StrictModel):
     )
     group_by_length: bool = Field(
         False,
-        description="Batch samples of about one length together (sorted within groups of 50 "
-        "global batches, the batches shuffled): less right padding and less waiting for the "
-        "slowest worker. Needs a task that knows its sample lengths.",
+        description="Batch samples of about one length together (each window of 50 global "
+        "batches of the shuffled sample stream sorted by length, its batches shuffled): less "
+        "right padding and less waiting for the slowest worker. Needs a task that knows its "
+        "sample lengths.",
     )
     steps: int = Field(100, ge=1, description="Optimizer steps to train.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
