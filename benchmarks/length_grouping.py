@@ -3,8 +3,8 @@
 A micro-batch is right-padded to its longest sample, and a data-parallel step waits for
 its slowest rank, so with Alpaca's lengths (median ~110 tokens, cut at 256) a random batch
 of 4 per rank computes about 1.7 tokens for every real one. ``train.engine.group_by_length``
-sorts the samples within groups of 50 global batches and shuffles the batches
-(:func:`recoup.cluster.train_state.epoch_order`). This script trains the same job twice
+sorts each window of 50 global batches of the sample stream by length and shuffles its
+batches (:func:`recoup.cluster.train_state.grouped_window`). This script trains the same job twice
 through the real loop (:func:`recoup.cluster.train.run_training`: Ray Train workers,
 DeepSpeed ZeRO-2), once per order, on the same samples for the same steps, and prints for
 each the share of computed tokens that are real (``real / (steps x world x micro x longest
@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -40,6 +38,7 @@ from recoup.cluster.config import ClusterConfig  # noqa: E402
 from recoup.cluster.engine import EngineConfig  # noqa: E402
 from recoup.cluster.train import run_training  # noqa: E402
 from recoup.cluster.train_state import sample_indices  # noqa: E402
+from recoup.stages.data import fit_samples  # noqa: E402
 from recoup.stages.model import modelio  # noqa: E402
 from recoup.stages.recovery.batching import encode_sample  # noqa: E402
 from recoup.stages.recovery.config import LccConfig, LoraAdapterConfig, LossConfig  # noqa: E402
@@ -77,10 +76,11 @@ def _job(args: argparse.Namespace, root: Path) -> TrainJob:
     chosen = [(layer, h) for layer in range(layers) for h in range(heads)
               if (layer * heads + h) % 4 == 0]
     V = {hd: torch.linalg.qr(torch.randn(d_head, d_head, generator=gen))[0] for hd in chosen}
-    # as the data stage does: a sample longer than the cut is skipped, not cut
+    # the data stage's rule: a sample longer than the cut is skipped, not cut
     samples = load_samples(AlpacaSourceConfig(path=args.data, num_samples=args.samples))
-    whole = [encode_sample(tok, s.prompt, s.response, 1 << 20) for s in samples]
-    encoded = [e for e in whole if len(e.ids) <= args.seq_len and len(e.ids) > e.prompt_len]
+    fitting, _ = fit_samples(samples, tok, args.seq_len)
+    encoded = [encode_sample(tok, s.prompt, s.response, args.seq_len) for s in fitting]
+    encoded = [e for e in encoded if len(e.ids) > e.prompt_len]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return TrainJob(method=args.method, degraded_dir=root / "model", dense_dir=root / "model",
                     dtype="float32", samples=tuple(encoded), pad_id=int(pad),

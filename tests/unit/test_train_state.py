@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.cluster.train_state import sample_indices
+from recoup.cluster.train_state import GROUP_BATCHES, sample_indices
 from recoup.cluster.train_task import sample_lengths
 
 
@@ -86,10 +86,10 @@ def test_length_grouping_stays_aligned_when_batches_do_not_divide_the_samples() 
     n = 284
     lengths = torch.randint(8, 257, (n,), generator=gen).tolist()
     grouped, plain = _batches(n, lengths, epochs=3), _batches(n, None, epochs=3)
-    window = 50  # batches per window: recoup.cluster.train_state.GROUP_BATCHES
+    size = GROUP_BATCHES  # batches per window
     for w in range(2):
-        a = sorted(i for b in grouped[w * window: (w + 1) * window] for i in b)
-        b = sorted(i for b in plain[w * window: (w + 1) * window] for i in b)
+        a = sorted(i for b in grouped[w * size: (w + 1) * size] for i in b)
+        b = sorted(i for b in plain[w * size: (w + 1) * size] for i in b)
         assert a == b
     real = sum(lengths[i] for b in grouped for i in b)
     assert real / sum(8 * max(lengths[i] for i in b) for b in grouped) > 0.95
