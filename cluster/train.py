@@ -160,7 +160,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         device=device, rank=rank, world_size=world,
         zero_init=ds_config if engine_cfg.zero_stage == 3 else None,
         activation_checkpointing=use_checkpointing(engine_cfg, device.type),
-        micro_batch=engine_cfg.micro_batch, work_dir=out_dir, job_key=config["fingerprint"])
+        micro_batch=engine_cfg.micro_batch, work_dir=out_dir, job_key=config["fingerprint"],
+        compute_dtype=torch.bfloat16 if bf16 else None)
     task: TrainTask = config["make_task"](config["task_spec"], setup)
     if setup.zero_init is not None:
         match_zero_init(task.module, torch.bfloat16 if bf16 else None)
@@ -240,7 +241,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.time() - t0
     cpu = torch.tensor([time.process_time() - cpu0], dtype=torch.float64, device=device)
     dist.all_reduce(cpu)  # CPU seconds of all ranks: throughput that contention cannot hide
-    saved = _gather_and_save(task, out_dir / PARAMS, rank)
+    saved = _gather_and_save(task, out_dir / PARAMS, rank, bf16)
     result: dict[str, Any] = {}
     if rank == 0:
         history = read_log(out_dir / LOG)  # the whole run, across resumes
@@ -258,20 +259,31 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _gather_and_save(task: TrainTask, folder: Path, rank: int) -> dict[str, Any]:
+def _gather_and_save(task: TrainTask, folder: Path, rank: int, bf16: bool) -> dict[str, Any]:
     """Under ZeRO-3 each rank holds a shard of every parameter: gather the trainable ones
-    (a collective) and let rank 0 write them."""
+    (a collective) and let rank 0 write them. A bf16 engine's module holds bf16 copies of
+    its parameters; what is written is the optimizer's float32 master weights."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = [p for p in task.module.parameters() if p.requires_grad]
+    # a collective too (the masters are partitioned): every rank, in the same order
+    masters = {i: safe_get_full_fp32_param(p) for i, p in enumerate(params)} if bf16 else {}
     saved: dict[str, Any] = {}
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if rank == 0:
-            tmp = tmp_path_for(folder)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            saved = task.save(tmp)
-            commit_path(tmp, folder)
+            kept = {i: params[i].data for i, m in masters.items() if m is not None}
+            for i in kept:
+                params[i].data = masters[i].to(params[i].device).reshape(kept[i].shape)
+            try:
+                tmp = tmp_path_for(folder)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                saved = task.save(tmp)
+                commit_path(tmp, folder)
+            finally:
+                for i, data in kept.items():
+                    params[i].data = data
     return saved
 
 

@@ -52,6 +52,9 @@ class WorkerSetup:
     build the same modules in the same order. None: ZeRO 0-2, the model is loaded whole.
     ``work_dir``: a folder of the job that survives a resume, for files the task computes
     once (a teacher's top-k); ``job_key`` identifies the job they belong to.
+    ``compute_dtype``: the dtype the engine computes in (bf16 when the engine runs bf16;
+    None: the model's own), for passes the task runs outside the engine (a teacher pass),
+    so they cost what the engine's forward costs.
     """
 
     device: torch.device
@@ -63,6 +66,7 @@ class WorkerSetup:
     micro_batch: int = 1
     work_dir: Path | None = None
     job_key: str = ""
+    compute_dtype: torch.dtype | None = None
 
     @classmethod
     def local(cls, device: torch.device | str) -> WorkerSetup:

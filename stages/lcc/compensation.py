@@ -95,8 +95,11 @@ class LayerCompensation(nn.Module):
         self.b = nn.Parameter(b.detach().clone())  # (k, d_head)
 
     def components(self) -> Tensor:
-        """(k, d_head): ``c`` of each chosen head of this layer, in ``self.heads`` order."""
-        return torch.einsum("kd,kde->ke", self.beta, self.V) + self.b
+        """(k, d_head): ``c`` of each chosen head of this layer, in ``self.heads`` order.
+        In the parameters' dtype: a bf16 engine casts beta and b but keeps buffers (V) as
+        they are."""
+        V = self.V.to(self.beta.dtype)  # (k, d_head, d_head)
+        return torch.einsum("kd,kde->ke", self.beta, V) + self.b
 
     def full_vector(self) -> Tensor:
         """(n_heads * d_head,): every chosen head's ``c`` in its slice, zeros elsewhere."""

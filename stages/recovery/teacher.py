@@ -7,7 +7,9 @@ and keep, per real token position, its ``k`` most likely next tokens, their
 log-probabilities at the loss temperature and the log of the remaining (tail) mass
 (:func:`recoup.stages.recovery.losses.teacher_topk`); training then reads them back a
 micro-batch at a time for the top-k + tail KL (:func:`~recoup.stages.recovery.losses.
-topk_tail_kl`). One model is resident at a time.
+topk_tail_kl`). One model is resident at a time. The teacher runs in the engine's compute
+dtype (:func:`teacher_dtype`): under bf16 it costs half an fp32 pass on a CPU with bf16
+instructions, and it rounds as the student does.
 
 Work split: rank ``r`` of ``w`` runs the samples ``i`` with ``i % w == r``, longest first, in
 micro-batches. Under ZeRO-3 the teacher is loaded partitioned like the student
@@ -56,14 +58,23 @@ def shard_file(folder: Path, rank: int, world: int) -> Path:
     return folder / f"topk-{rank:05d}-of-{world:05d}.safetensors"
 
 
-def teacher_key(job: TrainJob, job_key: str, world: int) -> str:
+def teacher_dtype(job: TrainJob, setup: WorkerSetup) -> torch.dtype:
+    """The teacher runs in the engine's compute dtype (bf16 when the student trains in
+    bf16: the same forward cost and rounding as the student's), else the model's own."""
+    return setup.compute_dtype or modelio.DTYPES[job.dtype]
+
+
+def teacher_key(job: TrainJob, job_key: str, world: int,
+                dtype: torch.dtype = torch.float32) -> str:
     """What a set of files was computed for: the job, the dense model, k, the temperature,
-    the world size (the split) and the samples' token ids."""
+    the world size (the split), the teacher's dtype and the samples' token ids."""
     ids = hashlib.sha256()
     for s in job.samples:
         ids.update(json.dumps([s.prompt_len, list(s.ids)]).encode())
     payload = {"job": job_key, "dense": str(job.dense_dir), "k": job.loss.teacher_top_k,
                "temperature": job.loss.temperature, "world": world, "samples": ids.hexdigest()}
+    if dtype != torch.float32:  # float32 keys stay what they were: cached files still count
+        payload["dtype"] = str(dtype)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,9 +147,9 @@ def _all_ranks_agree(flag: bool, setup: WorkerSetup) -> bool:
 
 
 def _load_teacher(job: TrainJob, setup: WorkerSetup) -> Any:
-    if setup.zero_init is not None:
+    if setup.zero_init is not None:  # in the engine's precision (zero_init_dtype)
         return load_partitioned(job.dense_dir, setup.zero_init)
-    return modelio.load_model(job.dense_dir, modelio.DTYPES[job.dtype], str(setup.device))
+    return modelio.load_model(job.dense_dir, teacher_dtype(job, setup), str(setup.device))
 
 
 def _free_memory(device: torch.device) -> None:
@@ -160,7 +171,7 @@ def cache_teacher(job: TrainJob, setup: WorkerSetup) -> TopKStore:
         raise ValueError("the cached teacher (train.loss.teacher_top_k > 0) needs a work "
                          "folder: build the task through run_training")
     folder = setup.work_dir / TEACHER_DIR
-    key = teacher_key(job, setup.job_key, setup.world_size)
+    key = teacher_key(job, setup.job_key, setup.world_size, teacher_dtype(job, setup))
     files = [shard_file(folder, r, setup.world_size) for r in range(setup.world_size)]
     if not _all_ranks_agree(all(_key_of(f) == key for f in files), setup):
         model = _load_teacher(job, setup)
@@ -213,4 +224,4 @@ class TopKStore:
 
 
 __all__ = ("TEACHER_DIR", "TopKStore", "cache_teacher", "compute_shard", "rank_batches",
-           "shard_file", "teacher_key")
+           "shard_file", "teacher_dtype", "teacher_key")

@@ -34,11 +34,12 @@ TASKS = [
 LIMIT, SHARDS = 3, 2
 
 
-def _config(run_dir: Path, data_dir: Path, **sections: dict[str, Any]):  # noqa: ANN202
+def _config(run_dir: Path, data_dir: Path, zeroshot_dtype: str = "model",
+            **sections: dict[str, Any]):  # noqa: ANN202
     sections = {"run": {"pipeline": PIPELINE}, **sections}
     evaluate = {"seq_len": 64, "max_windows": 2, "batch_size": 2,
                 "zeroshot": {"tasks": TASKS, "limit": LIMIT, "shards": SHARDS,
-                             "batch_size": 4}}
+                             "batch_size": 4, "dtype": zeroshot_dtype}}
     return tiny_config(run_dir, data_dir, evaluate=evaluate, **sections)
 
 
@@ -114,6 +115,28 @@ def test_a_new_degraded_model_reuses_the_dense_evaluation(tiny_run: Path, data_d
         assert cache[name] == {"zeroshot_shards": {"computed": 0, "cached": 4},
                                "wikitext": "cached"}
     assert _results(run_dir) == first
+
+
+def test_bf16_zero_shot_is_scored_anew_beside_the_fp32_results(tiny_run: Path, data_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A compute dtype other than the model's own is its own cache entry; perplexity and KL
+    (always the model's dtype) are reused, and the results say which dtype scored them."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    first = _results(run_dir)
+    out = _run(_config(run_dir, data_dir, zeroshot_dtype="bfloat16"))
+    assert out.ran == ["evaluate", "report"]
+    cache, res = _cache(run_dir), _results(run_dir)
+    for name in ("dense", "degraded"):
+        assert cache[name] == {"zeroshot_shards": {"computed": 4, "cached": 0},
+                               "wikitext": "cached"}
+        assert first["models"][name]["zeroshot_dtype"] == "float32"
+        assert res["models"][name]["zeroshot_dtype"] == "bfloat16"
+        assert res["models"][name]["ppl"] == first["models"][name]["ppl"]
+        for task, got in res["models"][name]["zeroshot"].items():
+            assert got["n"] == LIMIT
+            # 3 documents: bf16 may flip a near-tie, not the whole task
+            assert abs(got["acc"] - first["models"][name]["zeroshot"][task]["acc"]) <= 1 / LIMIT
 
 
 def test_a_failed_evaluation_resumes_at_the_first_missing_shard(

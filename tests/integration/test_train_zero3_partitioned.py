@@ -17,6 +17,8 @@ DeepSpeed runs on its CPU accelerator with gloo, ZeRO-3, world size 1 in-process
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shutil
 import socket
@@ -28,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from recoup.cluster.config import ClusterConfig
 from recoup.cluster.engine import EngineConfig, deepspeed_config
@@ -51,7 +54,13 @@ from recoup.stages.recovery.job import TrainJob
 from recoup.stages.recovery.losses import teacher_topk
 from recoup.stages.recovery.masked_lora import KEEP_BUFFER, lora_layers
 from recoup.stages.recovery.task import build_model, build_task, count_parameters
-from recoup.stages.recovery.teacher import TEACHER_DIR, cache_teacher, rank_batches
+from recoup.stages.recovery.teacher import (
+    TEACHER_DIR,
+    cache_teacher,
+    compute_shard,
+    rank_batches,
+    teacher_dtype,
+)
 from tests.conftest import tiny_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -245,6 +254,42 @@ def test_the_cached_teacher_trains_and_is_the_exact_kl_at_full_k(upstream: Path,
     for x, y in zip(a, b, strict=True):
         assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)
     assert full["final_loss"] == pytest.approx(exact["final_loss"], abs=1e-6)
+
+
+def test_a_bf16_engine_runs_its_teacher_in_bf16(upstream: Path, tmp_path: Path) -> None:
+    """Under train.engine.precision bf16 the teacher pass runs the dense model in bf16 (what
+    the student's forward costs), and a float32 set of teacher files is not taken for it."""
+    job = make_job(upstream, n=4, kl_weight=1.0, teacher_top_k=8)
+    fp32 = WorkerSetup(device=torch.device("cpu"), micro_batch=2, work_dir=tmp_path,
+                       job_key="test")
+    bf16 = dataclasses.replace(fp32, compute_dtype=torch.bfloat16)
+    assert teacher_dtype(job, fp32) == torch.float32
+    assert teacher_dtype(job, bf16) == torch.bfloat16
+    batches = rank_batches([len(s.ids) for s in job.samples], 0, 1, 2)
+    want = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = modelio.load_model(job.dense_dir, dtype)
+        want[dtype] = compute_shard(dense, job.samples, batches, k=8, temperature=1.0,
+                                    pad_id=job.pad_id, device=torch.device("cpu"))
+    assert not torch.allclose(want[torch.float32]["logprobs"],
+                              want[torch.bfloat16]["logprobs"], atol=1e-4)
+    for setup, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+        store = cache_teacher(job, setup)  # the fp32 files exist: bf16 computes its own
+        for j, i in enumerate(want[dtype]["samples"].tolist()):
+            a, b = want[dtype]["offsets"][j], want[dtype]["offsets"][j + 1]
+            assert torch.equal(store.rows(i).logprobs, want[dtype]["logprobs"][a:b])
+
+    # whole runs: DeepSpeed's bf16 engine on the CPU trains, and what is saved is the
+    # optimizer's float32 master weights, not the module's bf16 copies
+    for stage in (2, 3):
+        out = tmp_path / f"run-z{stage}"
+        result = _train(job, out, zero_stage=stage, precision="bf16", steps=2)
+        assert result["bf16"] and math.isfinite(result["final_loss"])
+        saved = {}
+        for f in (out / "params").rglob("*.safetensors"):
+            saved.update(load_file(str(f)))
+        assert saved and all(t.dtype == torch.float32 for t in saved.values())
+        assert any(not torch.equal(t, t.bfloat16().float()) for t in saved.values())
 
 
 def test_activation_checkpointing_changes_memory_not_training(upstream: Path,
