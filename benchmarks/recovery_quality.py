@@ -7,7 +7,8 @@
     python benchmarks/recovery_quality.py --methods lcc+lora --budget 2  # the recipe's budget
 
 What it runs is what a user runs: ``recoup run`` on ``configs/smollm2-recover.yaml`` (the
-shipped recipe: its losses, learning rates, inits, head count and length-grouped batches), with
+shipped recipe: its losses, learning rates, inits, head count, length-grouped batches and bf16
+training), with
 
 - one shared prefix (prepare -> degrade -> data -> collect -> svd -> select) computed once
   in ``OUT/prefix`` and copied into one run directory per method, so every method sees the
