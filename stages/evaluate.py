@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -57,7 +57,8 @@ from recoup.stages.scoring.footprint import logprobs_disk_bytes, working_parts
 from recoup.stages.scoring.gap import metric_gap_closed
 from recoup.stages.scoring.sparsity import linear_sparsity
 from recoup.stages.scoring.wikitext import score_one_at_a_time, window_range
-from recoup.stages.scoring.zeroshot import DEFAULT_TASKS, DocScore, TaskSpec
+from recoup.stages.scoring.zeroshot import DocScore, TaskSpec
+from recoup.stages.scoring.zeroshot_config import ZeroShotConfig, zeroshot_dtype
 from recoup.stages.scoring.zeroshot_worker import ShardJob, zeroshot_shard
 
 RESULTS = "results.json"
@@ -74,43 +75,6 @@ WIKITEXT_CACHE_VERSION = 3
 ZEROSHOT_CACHE_VERSION = 2
 #: the driver's bar of zero-shot documents (recoup.cluster.progress)
 ZEROSHOT_BAR = "evaluate:zero-shot"
-
-
-class ZeroShotConfig(StrictModel):
-    """Zero-shot multiple-choice tasks, scored by lm-evaluation-harness."""
-
-    tasks: tuple[TaskSpec, ...] = Field(
-        DEFAULT_TASKS,
-        description="Tasks (name, format, path[, labels]); default: piqa, arc_easy, "
-        "arc_challenge, boolq, openbookqa from the data dir. Empty: no zero-shot evaluation.",
-    )
-    limit: int | None = Field(
-        None, ge=1,
-        description="Score the first this many documents of each task (lm-eval's --limit), "
-        "for quick CPU runs; unset: every document, as the papers report.",
-    )
-    batch_size: int = Field(
-        16, ge=1, description="Requests (context + one answer choice) per forward pass."
-    )
-    dtype: Literal["model", "float32", "bfloat16"] = Field(
-        "model",
-        description="Compute dtype of the zero-shot forwards. 'model': the prepared model's "
-        "own. bfloat16 halves the time on a CPU with bf16 instructions (avx512_bf16, AMX) and "
-        "is how GPU evaluations run; perplexity and KL always use the model's own dtype.",
-    )
-    shards: int = Field(
-        2, ge=1,
-        description="Pieces each model's documents are split into: one Ray task each (it "
-        "loads the model once), and the unit of resume. Results do not depend on it.",
-    )
-    cpus_per_shard: float = Field(
-        1.0, gt=0, description="CPUs each shard task asks Ray for; also its torch threads."
-    )
-    workers: int | None = Field(
-        None, ge=1,
-        description="Most shard tasks in flight at once (each holds one model in memory); "
-        "unset: all. No effect with cluster.mode=inprocess.",
-    )
 
 
 class EvaluateConfig(StrictModel):
@@ -191,11 +155,6 @@ def _zeroshot_dir(cache: Path, ref: ModelRef, spec: TaskSpec, limit: int | None,
         what["dtype"] = dtype
     key = _hash(what)
     return cache / ref.key / f"zeroshot-{spec.name}-{key}"
-
-
-def zeroshot_dtype(cfg: ZeroShotConfig, model_dtype: str) -> str:
-    """The dtype the zero-shot forwards run in."""
-    return model_dtype if cfg.dtype == "model" else cfg.dtype
 
 
 def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], model_dtype: str, cache: Path,
