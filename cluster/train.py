@@ -164,7 +164,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         compute_dtype=torch.bfloat16 if bf16 else None)
     task: TrainTask = config["make_task"](config["task_spec"], setup)
     if setup.zero_init is not None:
-        match_zero_init(task.module, torch.bfloat16 if bf16 else None)
+        match_zero_init(task.module, setup.compute_dtype)
     # sized by the model: DeepSpeed's defaults would keep every block gathered (engine.py)
     ds_config = with_zero3_limits(ds_config, largest_block_params(task.module))
     # a task may give parameter groups with their own peak lr (the schedule scales them all)
@@ -268,11 +268,12 @@ def _gather_and_save(task: TrainTask, folder: Path, rank: int, bf16: bool) -> di
 
     params = [p for p in task.module.parameters() if p.requires_grad]
     # a collective too (the masters are partitioned): every rank, in the same order
-    masters = {i: safe_get_full_fp32_param(p) for i, p in enumerate(params)} if bf16 else {}
+    masters = {i: m for i, p in enumerate(params)
+               if (m := safe_get_full_fp32_param(p)) is not None} if bf16 else {}
     saved: dict[str, Any] = {}
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if rank == 0:
-            kept = {i: params[i].data for i, m in masters.items() if m is not None}
+            kept = {i: params[i].data for i in masters}
             for i in kept:
                 params[i].data = masters[i].to(params[i].device).reshape(kept[i].shape)
             try:
