@@ -13,10 +13,11 @@ invocation's pipeline is the previous one plus one stage, so the finished ones a
 (Alpaca samples and triplets), ``collect`` (block by block), ``svd``, ``select``,
 ``evaluate`` (dense then degraded, one model resident at a time, the dense log-probs on
 disk, no zero-shot) and ``train`` (``lcc+lora``, KL on the dense model's cached top-k,
-DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few steps). Every stage but train
-runs with ``cluster.mode: inprocess``, i.e. in the ``recoup run`` process itself; train
-runs with ``cluster.mode: ray``. Cluster settings are part of no fingerprint, so the switch
-re-runs nothing.
+DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few steps, in float32; ``--precision
+bf16`` trains as a GPU run does, bf16 partitions and teacher pass, and the plan's figures
+follow the setting). Every stage but train runs with ``cluster.mode: inprocess``, i.e. in
+the ``recoup run`` process itself; train runs with ``cluster.mode: ray``. Cluster settings
+are part of no fingerprint, so the switch re-runs nothing.
 
 What is measured: a thread polls ``/proc/PID/status`` of the ``recoup run`` process and all
 its descendants (Ray's raylet, the stage's Ray task, the Ray Train workers) every
@@ -427,7 +428,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, source: Path, shape: Sha
                      "alpha": 16, "merge": args.lora_merge},
             "loss": {"ce_weight": 0.0, "kl_weight": 1.0, "teacher_top_k": 64},
             "engine": {"workers": args.workers, "cpus_per_worker": 1, "zero_stage": 3,
-                       "precision": "fp32",
+                       "precision": args.precision,
                        "activation_checkpointing": not args.no_checkpointing,
                        "micro_batch": args.micro_batch, "steps": args.steps,
                        "checkpoint_every": args.steps, "lr": 1e-4},
@@ -590,6 +591,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--lora-layers", type=int, default=4, help="adapted layers, spread evenly")
     p.add_argument("--lora-merge", default="none", choices=["none", "masked"],
                    help="train.lora.merge (none: the recipe's unmerged branch)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="train.engine.precision (default fp32, the measured table in "
+                   "docs/architecture.md; bf16 is what a GPU run uses and, since bf16 runs on "
+                   "the CPU, can be measured here too: not yet at the default size)")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="train.engine.activation_checkpointing false (default true)")
     p.add_argument("--samples", type=int, default=32, help="data.source.num_samples")
@@ -639,9 +644,10 @@ def main() -> None:
                   "on every rank, so the training ratio below does not show partitioning")
         print(f"train: {args.method}, LoRA merge {args.lora_merge} on layers "
               f"{lora_layers(shape.layers, args.lora_layers)}, KL on the cached top-64, "
-              f"ZeRO-3 on {args.workers} Ray Train workers, fp32, activation checkpointing "
-              f"{'off' if args.no_checkpointing else 'on'}, micro-batch {args.micro_batch} x "
-              f"{args.seq_len} tokens, {args.steps} steps; data {args.samples} samples; "
+              f"ZeRO-3 on {args.workers} Ray Train workers, {args.precision}, activation "
+              f"checkpointing {'off' if args.no_checkpointing else 'on'}, micro-batch "
+              f"{args.micro_batch} x {args.seq_len} tokens, {args.steps} steps; data "
+              f"{args.samples} samples; "
               f"evaluate {args.eval_windows} windows x {args.eval_seq_len}; malloc mmap "
               f"threshold {args.mmap_threshold or 'fixed at 1 MiB by recoup (cluster/hostmem.py)'}",
               flush=True)
@@ -679,6 +685,10 @@ def main() -> None:
         print(f"train peak per worker / model bytes ({ratios['workers']:.0f} workers, goal "
               f"<= {GOAL}): raw RSS {ratios['raw']:.3f}; less the idle worker's RSS "
               f"{ratios['net']:.3f}; anon less the idle worker's anon {ratios['net_anon']:.3f}")
+        if args.precision == "bf16":  # the workers hold bf16 weights: half the bytes above
+            print(f"  the same over the model's bf16 bytes ({model_bytes / 2 / GB:.3f} GB, what "
+                  f"the workers partition): raw {2 * ratios['raw']:.3f}, net "
+                  f"{2 * ratios['net']:.3f}")
         print(f"train_peak_per_worker_over_model_net_of_imports: {ratios['net']:.4f}")
         print(f"train_peak_per_worker_over_model: {ratios['raw']:.4f}")
     finally:
