@@ -115,7 +115,7 @@ def main() -> None:
                     help="optimizer steps at budget 1 (default 64: one epoch of the samples)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated, from {', '.join(METHODS)} (default: "
-                         f"{', '.join(DEFAULT_METHODS)}: about an hour on 2 CPU cores)")
+                         f"{', '.join(DEFAULT_METHODS)}: 35 minutes measured on 2 CPU cores)")
     ap.add_argument("--split", choices=("report", "tune"), default="report")
     ap.add_argument("--windows", type=int, default=16,
                     help="WikiText-2 windows x 512 tokens (each evaluation runs the dense "
