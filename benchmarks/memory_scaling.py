@@ -41,7 +41,8 @@ the code holds them: where the host figure names the same tensors as the device 
 they are counted once: evaluate = device (one model + one batch), collect = device + host
 (its block is the weight file's mmap'ed pages, which the host figure leaves out),
 degrade = host + device less one block, prepare = host, train = device + host
-(rank 0's read buffer of one module beside its partition and gathered blocks). The plan
+(rank 0's read buffer of one module beside its partition, gathered blocks and the
+prefetch's all-gather buffer). The plan
 leaves out the interpreter and its libraries, so the measured figure set against it is the
 peak less the RSS of an idle process of the same kind, measured in the same run: for the
 in-process stages, a Python process that imported the runner, every stage, transformers'
@@ -70,11 +71,12 @@ is about. At the smoke-test sizes the imports dominate and ZeRO-3 keeps every pa
 under 1e5 elements whole on every rank (``stage3_param_persistence_threshold``): the
 ratio means nothing there, the script only shows that it runs.
 
-Sizes for the default (1.5 GB) on a 2-core CPU: about 20-40 minutes, mostly collect, the
-teacher pass and the training steps; about 5 GB of disk in a temporary folder (source,
-dense and degraded models, masks, dense log-probs, DeepSpeed checkpoints) removed at the
-end unless ``--keep``; memory peaks at a few GB (evaluate: one model, its logits and the
-mmap'ed files; train: the workers' partitions, Ray's processes, the page cache).
+Sizes for the default (1.5 GB) on a 2-core CPU: about 7 minutes alone (411 s measured,
+2026-12-04), mostly collect, the teacher pass and the training steps; about 5 GB of disk
+in a temporary folder (source, dense and degraded models, masks, dense log-probs,
+DeepSpeed checkpoints) removed at the end unless ``--keep``; memory peaks at a few GB
+(evaluate: one model, its logits and the mmap'ed files; train: the workers' partitions,
+Ray's processes, the page cache).
 """
 
 from __future__ import annotations

@@ -108,6 +108,8 @@ def test_train_zero3_partitions_frozen_weights(c13: RunConfig) -> None:
     card = shape.card
     assert parts["2 gathered blocks + the LM head (ZeRO-3)"] == 2 * (
         2 * shape.block_params + card.vocab * card.hidden)
+    # the coalesced prefetch's receive buffer: one more block while it is consumed
+    assert parts["all-gather buffer of the prefetched block (ZeRO-3)"] == 2 * shape.block_params
     heads = heads_of(c13, shape)
     assert heads == round(0.25 * 40 * 40)
     # beta and b (2 x d_head) per chosen head; 16 B each, all sharded under ZeRO-3
