@@ -42,13 +42,13 @@ they are counted once: evaluate = device (one model + one batch), collect = devi
 (its block is the weight file's mmap'ed pages, which the host figure leaves out),
 degrade = host + device less one block, prepare = host, train = device + host
 (rank 0's read buffer of one module beside its partition, gathered blocks and the
-prefetch's all-gather buffer). The plan
-leaves out the interpreter and its libraries, so the measured figure set against it is the
-peak less the RSS of an idle process of the same kind, measured in the same run: for the
-in-process stages, a Python process that imported the runner, every stage, transformers'
-Llama and safetensors; for training, a Ray actor that imported torch, DeepSpeed, Ray Train,
-transformers, peft and recoup's training code and joined a one-rank gloo group. A stage whose
-net peak is more than 15% off the plan's figure is reported as "plan off by X%".
+prefetch's all-gather buffer). The plan leaves out the interpreter and its libraries, so
+the measured figure set against it is the peak less the RSS of an idle process of the
+same kind, measured in the same run: for the in-process stages, a Python process that
+imported the runner, every stage, transformers' Llama and safetensors; for training, a Ray
+actor that imported torch, DeepSpeed, Ray Train, transformers, peft and recoup's training
+code and joined a one-rank gloo group. A stage whose net peak is more than 15% off the
+plan's figure is reported as "plan off by X%".
 
 Allocator: glibc raises its mmap threshold (up to 32 MiB) each time a large mmap'ed block
 is freed, after which freed tensors below it stay in the heap. ZeRO-3's gathered weights and

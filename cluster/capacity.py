@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from recoup.cluster.engine import ZERO3_LIVE_BLOCKS, EngineConfig, use_bf16
+from recoup.cluster.engine import ZERO3_LIVE_BLOCKS, EngineConfig, use_bf16, zero3_live_limits
 from recoup.orchestrator.estimate import FP32, ModelShape, forward_working_bytes
 
 if TYPE_CHECKING:
@@ -111,12 +111,13 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
         # benchmarks/memory_scaling.py, step 2 on)
         parts[f"{ZERO3_LIVE_BLOCKS} gathered blocks + the LM head (ZeRO-3)"] = (
             ZERO3_LIVE_BLOCKS * shape.block_params + card.vocab * card.hidden) * item
-        # the prefetch (one block's elements, zero3_live_limits) is all-gathered coalesced:
+        # the prefetch (its bucket as zero3_live_limits sets it) is all-gathered coalesced:
         # received into one flat buffer, then every parameter copied out of it (torch.cat in
         # DeepSpeed's AllGatherCoalescedHandle.wait); the buffer lives until the last of
         # those parameters is used, so the prefetched block is held twice meanwhile. Not
         # in the live-parameter count (measured: the worker's peak is in a block's fetch)
-        parts["all-gather buffer of the prefetched block (ZeRO-3)"] = shape.block_params * item
+        prefetch = zero3_live_limits(shape.block_params)["stage3_prefetch_bucket_size"]
+        parts["all-gather buffer of the prefetched block (ZeRO-3)"] = prefetch * item
     trainable = 0
     extra_per_token = 0
     if heads:
