@@ -236,3 +236,11 @@ def test_cli_plan_prints_the_table_and_checks_the_cluster_yaml(capsys: pytest.Ca
                  "train.engine.workers=40"]) == 0
     out = capsys.readouterr().out
     assert "does not fit ray_cluster.yaml" in out  # 40 GPUs > 4 nodes x 8
+
+
+def test_export_checks_in_float64_unless_told_the_model_dtype(c13: RunConfig) -> None:
+    """The self-check's reload is a float64 copy (4x a bf16 model) by default."""
+    weights = resolve_model(c13).weights_bytes
+    assert _plan(c13)["export"].host_bytes == weights + 4 * weights
+    model = _plan(cfg_of("llama-13b", "export.check_dtype=model"))["export"]
+    assert model.host_bytes == 2 * weights and "model's dtype" in " ".join(model.notes)
