@@ -44,6 +44,10 @@ PREFIX = ("prepare", "degrade", "data", "collect", "svd", "select")
 REPORT_START = 64
 TUNE_WINDOWS = 16
 
+#: training text: the recipe's Alpaca samples, or text the dense model writes itself (the
+#: data-free path: a ``synthesize`` stage joins the prefix, ``--synth-length`` new tokens each)
+DATA = ("alpaca", "synthetic")
+
 DEGRADE = {
     "wanda": ["degrade.method=wanda", "degrade.sparsity=0.5", "degrade.pattern=unstructured"],
     "sparsegpt-2:4": ["degrade.method=sparsegpt", "degrade.pattern=2:4"],
@@ -105,6 +109,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--degrade", choices=sorted(DEGRADE), default="wanda")
+    ap.add_argument("--data", choices=DATA, default="alpaca",
+                    help="training text: Alpaca (the recipe's) or synthetic (written by the "
+                         "dense model; the degrade calibration stays Alpaca, so the degraded "
+                         "model is the same)")
+    ap.add_argument("--synth-length", type=int, default=128,
+                    help="--data synthetic: new tokens per sequence (default 128, about "
+                         "Alpaca's mean sample of 126 tokens)")
     ap.add_argument("--budget", type=float, default=1.0,
                     help="scales training samples and optimizer steps together (default 1)")
     ap.add_argument("--samples", type=int, default=512,
@@ -138,7 +149,8 @@ def main() -> None:
     if args.budget <= 0 or not math.isfinite(args.budget):
         ap.error("--budget must be a positive number")
 
-    out = (args.out / args.degrade).resolve()
+    out = (args.out / (args.degrade if args.data == "alpaca" else
+                       f"{args.degrade}-{args.data}{args.synth_length}")).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,13 +163,20 @@ def main() -> None:
               f"train.engine.steps={steps}", "evaluate.zeroshot.tasks=[]",
               f"evaluate.window_start={start}", f"evaluate.max_windows={windows}",
               *args.set]
+    prefix_stages = PREFIX
+    if args.data == "synthetic":
+        # num_samples before dedup: a few more than the data stage keeps
+        common += [f"synthesize.num_samples={samples + samples // 8}",
+                   f"synthesize.length={args.synth_length}", "data.source.source=synthetic",
+                   "data.source.path=null"]
+        prefix_stages = ("prepare", "synthesize", *PREFIX[1:])
     print(f"recovery quality: SmolLM2-135M, {args.degrade}; {samples} samples, {steps} steps; "
           f"WikiText-2 windows [{start}, {start + windows}) x 512 ({args.split} split); "
           f"runs in {out} (console: {log})", flush=True)
 
     prefix = out / "prefix"
     seconds = run(args.config, prefix, common + ["run.pipeline=[" + ",".join(
-        (*PREFIX, "evaluate")) + "]"], log)
+        (*prefix_stages, "evaluate")) + "]"], log)
     base = manifest(prefix, "evaluate")["metrics"]["models"]
     print(f"prefix + dense/degraded evaluation: {seconds:.0f} s", flush=True)
 
@@ -170,7 +189,8 @@ def main() -> None:
                 shutil.rmtree(run_dir)
             shutil.copytree(prefix, run_dir, ignore=shutil.ignore_patterns(
                 "evaluate", "logs", ".lock", "*.tmp-*"))
-        pipeline = "run.pipeline=[" + ",".join((*PREFIX, "train", "export", "evaluate")) + "]"
+        pipeline = "run.pipeline=[" + ",".join(
+            (*prefix_stages, "train", "export", "evaluate")) + "]"
         run(args.config, run_dir, METHODS[method] + common + [pipeline], log)
         models = manifest(run_dir, "evaluate")["metrics"]["models"]
         train = manifest(run_dir, "train")
