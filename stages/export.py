@@ -85,12 +85,13 @@ class ExportConfig(StrictModel):
     seed: int = Field(0, description="Seed of the self-check tokens.")
     check_dtype: Literal["float64", "model"] = Field(
         "float64",
-        description="Precision of the self-check's two forwards. 'float64': the fold and the "
-        "merge are checked as the identities they are, free of float32 rounding, which a "
-        "deep model carries to the logits of random tokens (SmolLM2-135M with all 270 heads "
-        "compensated: 6.2e-4 in float32, 2e-6 in float64); costs a float64 copy of the model "
-        "on the host. 'model': the model's own dtype, for models too big for that copy "
-        "(the llama configs); loosen atol/rtol there.",
+        description="Precision of the self-check's two forwards. 'float64': the forwards "
+        "add no rounding of their own, which a deep model carries to the logits of random "
+        "tokens: SmolLM2-135M with all 270 heads compensated differs by 6.2e-4 checked in "
+        "float32 and 2.4e-4 in float64, the rest being the saved float32 bias's rounding "
+        "(0 with the fold kept in float64). Costs a float64 copy of the model on the host "
+        "(`recoup plan` counts it). 'model': the model's dtype, for a host without room "
+        "for that copy; loosen atol/rtol there.",
     )
 
 
