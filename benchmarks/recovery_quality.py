@@ -5,6 +5,7 @@
     python benchmarks/recovery_quality.py --degrade rtn-int3 --budget 0.5   # half the budget
     python benchmarks/recovery_quality.py --methods lcc,lcc-closed --split tune
     python benchmarks/recovery_quality.py --methods lcc+lora --budget 2  # the recipe's budget
+    python benchmarks/recovery_quality.py --data synthetic  # trained on the dense model's text
 
 What it runs is what a user runs: ``recoup run`` on ``configs/smollm2-recover.yaml`` (the
 shipped recipe: its losses, learning rates, inits, head count, length-grouped batches and bf16
