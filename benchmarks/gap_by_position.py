@@ -25,6 +25,8 @@ import torch
 from recoup.orchestrator.config import load_config
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.stages.model import lm_metrics, modelio
+from recoup.stages.prepare import MODEL_DIR
+from recoup.stages.scoring.gap import gap_closed
 from recoup.stages.scoring.wikitext import window_range
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +49,7 @@ def token_nll(folder: Path, wins: torch.Tensor, batch: int) -> torch.Tensor:
     total = torch.zeros(wins.shape[1] - 1)
     for i in range(0, wins.shape[0], batch):
         x = wins[i:i + batch]  # (B, T)
-        logp = torch.log_softmax(model(x).logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-        total += -logp.gather(-1, x[:, 1:, None])[..., 0].sum(0)  # (T-1,)
+        total += lm_metrics.token_nll(model(x).logits, x).sum(0)  # (B, T-1) -> (T-1,)
     return total / wins.shape[0]
 
 
@@ -66,25 +67,24 @@ def main() -> None:
     ev = cfg.evaluate
     data_dir = args.data_dir or cfg.run.resolved_data_dir()
     text = lm_metrics.read_wikitext(data_dir / ev.wikitext)
-    tokenizer = modelio.load_tokenizer(run / "prepare" / "model")
+    tokenizer = modelio.load_tokenizer(run / MODELS["dense"] / MODEL_DIR)
     ids = torch.tensor(tokenizer(text)["input_ids"])
     wins = window_range(ids, ev.seq_len, ev.window_start, ev.max_windows)  # (W, seq_len)
     print(f"{run}: windows [{ev.window_start}, {ev.window_start + wins.shape[0]}) x "
           f"{ev.seq_len} tokens", flush=True)
-    nll = {name: token_nll(run / stage / "model", wins, ev.batch_size)
+    nll = {name: token_nll(run / stage / MODEL_DIR, wins, ev.batch_size)
            for name, stage in MODELS.items()}
-    shares = []
     edges = bucket_edges(ev.seq_len)
+    buckets = [(f"[{a}, {b})", a, b) for a, b in zip(edges, edges[1:], strict=False)]
     print(f"{'positions':<12}{'dense':>9}{'degraded':>10}{'recovered':>11}{'gap closed':>12}")
-    for a, b in zip(edges, edges[1:], strict=False):
-        d, g, r = (nll[k][a:b].mean().item() for k in MODELS)
-        shares.append((g - r) / (g - d))
-        print(f"[{a}, {b})".ljust(12) + f"{math.exp(d):>9.2f}{math.exp(g):>10.2f}"
-              f"{math.exp(r):>11.2f}{shares[-1]:>12.1%}")
-    d, g, r = (nll[k].mean().item() for k in MODELS)
-    print(f"{'all':<12}{math.exp(d):>9.2f}{math.exp(g):>10.2f}{math.exp(r):>11.2f}"
-          f"{(g - r) / (g - d):>12.1%}")
-    print(f"gap_closed_spread: {max(shares) - min(shares):.4f}")
+    shares = {}
+    for label, a, b in [*buckets, ("all", 0, ev.seq_len - 1)]:
+        d, g, r = (nll[k][a:b].mean().item() for k in MODELS)  # mean NLL: log-perplexity
+        shares[label] = gap_closed(d, g, r, higher_is_better=False)
+        print(f"{label:<12}{math.exp(d):>9.2f}{math.exp(g):>10.2f}{math.exp(r):>11.2f}"
+              f"{shares[label]:>12.1%}")
+    per_bucket = [shares[label] for label, _, _ in buckets]
+    print(f"gap_closed_spread: {max(per_bucket) - min(per_bucket):.4f}")
 
 
 if __name__ == "__main__":
