@@ -110,6 +110,29 @@ class StrictModel(BaseModel):
         return data
 
 
+#: ``json_schema_extra`` of a field added to a stage's config after runs existed, whose
+#: default keeps what those runs did: at its default it is left out of the stage's
+#: fingerprint (:func:`fingerprint_dump`), so upgrading recoup does not make finished stages
+#: stale; set to anything else, it counts like any field.
+ADDED_FIELD = {"omit_at_default": True}
+
+
+def fingerprint_dump(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")`` without the :data:`ADDED_FIELD` fields that hold
+    their default (in nested sections too): what a stage's fingerprint and its "what
+    changed" message are computed from."""
+    out = model.model_dump(mode="json")
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra
+        if isinstance(extra, Mapping) and extra.get("omit_at_default") \
+                and value == info.get_default(call_default_factory=True):
+            del out[name]
+        elif isinstance(value, BaseModel):
+            out[name] = fingerprint_dump(value)
+    return out
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from recoup.orchestrator import rundir, store
-from recoup.orchestrator.config import diff_configs
+from recoup.orchestrator.config import diff_configs, fingerprint_dump
 from recoup.orchestrator.lock import RunLock, holder_alive, holder_identity
 from recoup.orchestrator.runconfig import RunConfig
 from recoup.orchestrator.stage import (
@@ -207,7 +207,7 @@ def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None,
     data_dir = _data_dir_or_none(cfg)
     hasher = rundir.DataHasher(cfg.run.dir / rundir.HASH_CACHE)
     for spec in pipeline_specs(cfg):
-        config = spec.config_of(cfg).model_dump(mode="json")
+        config = fingerprint_dump(spec.config_of(cfg))
         deps = spec.inputs_in(cfg.run.pipeline)
         upstream = {r: fps[r] for r in deps}
         data = rundir.data_digests(config, data_dir, hasher)

@@ -54,6 +54,7 @@ from pydantic import Field, model_validator
 
 from recoup.cluster.pool import PoolConfig, run_shards, worker_device
 from recoup.orchestrator import shards, store
+from recoup.orchestrator.config import ADDED_FIELD, fingerprint_dump
 from recoup.orchestrator.estimate import (
     FP32,
     EstimateInputs,
@@ -112,6 +113,13 @@ class SynthesizeConfig(PoolConfig):
     samples_per_shard: int = Field(
         64, ge=1, description="Sequences per shard: the unit of work, retry and resume.")
     seed: int = Field(0, description="Seed of the start tokens and the sampling.")
+    dtype: Literal["model", "float32", "bfloat16"] = Field(
+        "model",
+        description="Compute dtype of the generation. 'model': the prepared model's own. "
+        "bfloat16 is how a GPU generates, and on a CPU with bf16 instructions (avx512_bf16, "
+        "AMX) it is faster than float32 (benchmarks/synthesize_throughput.py --dtype); the "
+        "text differs from float32's, sampled from the same seeds.",
+        json_schema_extra=ADDED_FIELD)
 
     @model_validator(mode="after")
     def _greedy_fits(self) -> SynthesizeConfig:
@@ -173,8 +181,8 @@ class SynthesizeWorker:
     def __init__(self, job: SynthesizeJob) -> None:
         self.job = job
         self.device = worker_device(job.config.num_gpus_per_worker, job.device)
-        self.model = modelio.load_model(job.model_dir, modelio.DTYPES[job.model_dtype],
-                                        self.device)
+        dtype = job.model_dtype if job.config.dtype == "model" else job.config.dtype
+        self.model = modelio.load_model(job.model_dir, modelio.DTYPES[dtype], self.device)
         self.tokenizer = modelio.load_tokenizer(job.model_dir)
         cfg = job.config
         self.stop = stop_tokens(self.tokenizer, self.model.generation_config)
@@ -253,7 +261,8 @@ def shard_key(cfg: SynthesizeConfig, *, device: str, upstream: str) -> str:
     """What a shard's text depends on: the generation settings and the device kind, not
     the pool's size, CPU split or retries."""
     payload = {
-        "config": cfg.model_dump(mode="json", exclude=set(PoolConfig.model_fields)),
+        "config": {k: v for k, v in fingerprint_dump(cfg).items()
+                   if k not in PoolConfig.model_fields},
         "device": torch.device(worker_device(cfg.num_gpus_per_worker, device)).type,
         "upstream": upstream,
     }
@@ -322,10 +331,11 @@ def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
     longest, one decoding step's working set and the float32 logits sampling reads."""
     cfg: SynthesizeConfig = inp.config
     shape, hw = inp.shape, inp.hardware
-    card, item = shape.card, shape.itemsize
+    card = shape.card
+    item = {"model": shape.itemsize, "float32": FP32, "bfloat16": 2}[cfg.dtype]
     longest = 1 + cfg.length + (cfg.prompt_length if cfg.mode == "chat" else 0)
     parts = {
-        "dense weights": shape.weights_bytes,
+        "dense weights": shape.params * item,
         "KV cache (batch x longest sequence)":
             2 * card.layers * cfg.batch_size * longest * card.kv_heads * card.d_head * item,
         "one decoding step's working set": forward_working_bytes(card, cfg.batch_size, item),
@@ -339,7 +349,7 @@ def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
     if not fits:
         notes.append(f"needs {need} GPUs per worker: set synthesize.num_gpus_per_worker={need}")
     return StageEstimate(stage=inp.stage, workers=cfg.workers, device_bytes=dev,
-                         host_bytes=shape.weights_bytes, disk_bytes=None,
+                         host_bytes=shape.params * item, disk_bytes=None,
                          gpus_config=cfg.workers * cfg.num_gpus_per_worker, gpus_min=need,
                          fits=fits, parts=parts, notes=tuple(notes))
 

@@ -84,6 +84,21 @@ def test_two_ray_workers_write_the_same_text(reference: Path, tmp_path: Path,
         sha256_file(reference / "synthesize" / OUTPUT)
 
 
+def test_bfloat16_generation_writes_its_own_text_and_never_reuses_float32_shards(
+        reference: Path, tmp_path: Path, data_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    out = _run(tiny_config(run_dir, data_dir, run={"pipeline": PIPELINE},
+                           synthesize={**SYNTH, "dtype": "bfloat16"}))
+    m = out.metrics["synthesize"]
+    assert (m["shards_reused"], m["shards_computed"]) == (0, 4)  # another text: another key
+    assert m["shard_key"] != json.loads(
+        (reference / "synthesize" / "manifest.json").read_text())["metrics"]["shard_key"]
+    rows = _rows(run_dir)
+    assert m["generated"] == 20 and len(rows) == m["samples"] > 0
+    assert all(r["prompt"] and r["response"] for r in rows)
+
+
 def test_a_synthetic_source_without_the_stage_says_what_to_add(tmp_path: Path,
                                                                data_dir: Path) -> None:
     cfg = tiny_config(tmp_path, data_dir, run={"pipeline": ["prepare", "data"]},

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from recoup.orchestrator.config import (
+    ADDED_FIELD,
     ConfigError,
+    StrictModel,
     diff_configs,
+    fingerprint_dump,
     load_config,
     parse_override,
     yaml_load,
@@ -110,3 +114,34 @@ def test_shipped_configs_validate() -> None:
     assert files, "no configs shipped"
     for f in files:
         load_config(RunConfig, f)
+
+
+class _Inner(StrictModel):
+    kept: int = 1
+    added: str = Field("old", json_schema_extra=ADDED_FIELD)
+
+
+class _Section(StrictModel):
+    inner: _Inner = _Inner()
+    added: int = Field(0, json_schema_extra=ADDED_FIELD)
+    plain: int = 0
+
+
+def test_a_field_added_at_its_default_leaves_the_fingerprint_as_it_was() -> None:
+    # what a run made before the fields existed hashed
+    assert fingerprint_dump(_Section()) == {"inner": {"kept": 1}, "plain": 0}
+    # set to anything else, an added field counts like any other, nested or not
+    assert fingerprint_dump(_Section(added=2, inner=_Inner(added="new"))) == {
+        "inner": {"kept": 1, "added": "new"}, "added": 2, "plain": 0}
+    assert diff_configs(fingerprint_dump(_Section()), fingerprint_dump(_Section(added=2))) == [
+        "added: '(unset)' -> 2"]
+
+
+def test_synthesize_dtype_at_its_default_keeps_earlier_runs_and_their_shards() -> None:
+    from recoup.stages.synthesize import SynthesizeConfig, shard_key
+
+    assert "dtype" not in fingerprint_dump(SynthesizeConfig())
+    assert fingerprint_dump(SynthesizeConfig(dtype="bfloat16"))["dtype"] == "bfloat16"
+    key = shard_key(SynthesizeConfig(), device="cpu", upstream="u")
+    assert key == shard_key(SynthesizeConfig(dtype="model"), device="cpu", upstream="u")
+    assert key != shard_key(SynthesizeConfig(dtype="bfloat16"), device="cpu", upstream="u")

@@ -244,3 +244,15 @@ def test_export_checks_in_float64_unless_told_the_model_dtype(c13: RunConfig) ->
     assert _plan(c13)["export"].host_bytes == weights + 4 * weights
     model = _plan(cfg_of("llama-13b", "export.check_dtype=model"))["export"]
     assert model.host_bytes == 2 * weights and "model's dtype" in " ".join(model.notes)
+
+
+def test_synthesize_in_bfloat16_plans_the_weights_at_two_bytes() -> None:
+    base = "run.pipeline=[prepare,synthesize]"
+    f32 = cfg_of("llama-7b", base, "prepare.dtype=float32")
+    shape = resolve_model(f32)
+    own, = plan_stages(f32, shape, H80)[1:]
+    bf16, = plan_stages(cfg_of("llama-7b", base, "prepare.dtype=float32",
+                               "synthesize.dtype=bfloat16"), shape, H80)[1:]
+    assert own.parts["dense weights"] == shape.params * 4
+    assert bf16.parts["dense weights"] == shape.params * 2 == bf16.host_bytes
+    assert bf16.device_bytes < own.device_bytes
