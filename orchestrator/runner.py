@@ -153,7 +153,9 @@ def _read_failure(failed: Path) -> dict[str, Any]:
 
 def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, Any],
                  upstream: dict[str, str], verify: store.Verify,
-                 upstream_ok: bool, data: dict[str, str] | None = None) -> StagePlan:
+                 upstream_pending: Sequence[str], data: dict[str, str] | None = None,
+                 ) -> StagePlan:
+    """``upstream_pending``: the stages this one reads that are not done (re-run first)."""
     base = {"spec": spec, "fingerprint": fp, "config": config, "upstream": upstream,
             "data": data or {}}
     running = stage_dir / store.RUNNING
@@ -166,7 +168,7 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
         if (stage_dir / store.MANIFEST).exists():
             return StagePlan(**base, state="stale", reasons=(str(e),), damage=str(e))
     if manifest is not None:
-        if manifest.fingerprint == fp and upstream_ok:
+        if manifest.fingerprint == fp and not upstream_pending:
             try:
                 store.verify_outputs(stage_dir, manifest, verify)
             except store.ManifestError as e:
@@ -174,7 +176,7 @@ def _stage_state(spec: StageSpec, stage_dir: Path, fp: str, config: dict[str, An
                                  damage=str(e))
             return StagePlan(**base, state="done", manifest=manifest)
         if manifest.fingerprint == fp:
-            reasons = [f"upstream stage '{r}' is re-run" for r in upstream]
+            reasons = [f"upstream stage '{r}' is re-run" for r in upstream_pending]
         else:
             reasons = _why_stale(fp, spec, config, upstream, manifest, data)
         return StagePlan(**base, state="stale", reasons=tuple(reasons), manifest=manifest)
@@ -213,9 +215,9 @@ def plan_run(cfg: RunConfig, *, verify: store.Verify | None = None,
         data = rundir.data_digests(config, data_dir, hasher)
         fp = fingerprint(spec.name, spec.version, config, upstream, data)
         fps[spec.name] = fp
-        upstream_ok = all(r in done for r in deps)
+        pending = [r for r in deps if r not in done]
         plan = _stage_state(spec, cfg.run.dir / spec.name, fp, config, upstream, verify,
-                            upstream_ok, data)
+                            pending, data)
         if plan.state == "done":
             done.add(spec.name)
         plans.append(plan)

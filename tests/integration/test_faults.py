@@ -338,6 +338,9 @@ def test_truncated_manifest_is_treated_as_absent(tmp_path: Path, data_dir: Path)
     assert plans["degrade"].state == "stale"
     reason = plans["degrade"].reasons[0]
     assert "unreadable" in reason and str(manifest) in reason
+    # downstream names the stage it waits for, not every stage it reads (prepare is done)
+    assert plans["prepare"].state == "done"
+    assert plans["evaluate"].reasons == ("upstream stage 'degrade' is re-run",)
     out = run_pipeline(cfg, progress=False, echo=lambda s: None)
     assert out.ran == ["degrade", "evaluate"]
 
