@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from recoup.cluster.train import CrashHook, TrainingStopped, run_training
@@ -74,8 +75,18 @@ class Upstream:
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Upstream:
-    root = tmp_path_factory.mktemp("upstream")
-    cfg = tiny_config(root, data_dir, run={"pipeline": ["prepare", "degrade"]})
+    return _build_upstream(tmp_path_factory.mktemp("upstream"), data_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def upstream_bf16(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Upstream:
+    """The same, prepared in bfloat16 (as the llama-13b / 70b configs run)."""
+    return _build_upstream(tmp_path_factory.mktemp("upstream-bf16"), data_dir, "bfloat16")
+
+
+def _build_upstream(root: Path, data_dir: Path, dtype: str) -> Upstream:
+    cfg = tiny_config(root, data_dir, run={"pipeline": ["prepare", "degrade"]},
+                      prepare={"source": "tiny-llama", "dtype": dtype})
     run_pipeline(cfg, progress=False, echo=lambda s: None)
     samples = load_samples(AlpacaSourceConfig(path=data_dir / "alpaca/train.jsonl",
                                               num_samples=N_SAMPLES))
@@ -488,6 +499,28 @@ def test_the_exported_checkpoint_is_the_trained_model(upstream: Upstream, tmp_pa
     if method in ("eora", "lora") or merge == "none":
         # the fit / training changed the model (EoRA: the masked correction is not zero)
         assert (reference - _logits(_degraded(upstream), batch)).abs().max() > 1e-4
+
+
+def test_a_bfloat16_export_passes_its_check_within_the_16bit_rounding(
+        upstream_bf16: Upstream, tmp_path: Path) -> None:
+    """A 16-bit model saves its folded bias in 16 bits: the float64 check sees that
+    rounding, over the float32 bound and within ``rtol_16bit``; the saved model is bf16."""
+    cfg = _config(upstream_bf16, method="lcc-closed+eora",
+                  closed_form={"samples": 6, "micro_batch": 4},
+                  lora={"layers": [1], "rank": 4, "alpha": 8.0, "merge": "none",
+                        "targets": ["q_proj", "o_proj", "down_proj"]})
+    _, m = _train_and_export(upstream_bf16, tmp_path, cfg)
+    assert m["max_abs_logit_diff"] <= m["allowed_logit_diff"]
+    # the float32 bound refuses this correct export (the 16-bit bias rounding alone)
+    strict = cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"rtol_16bit": cfg.export.rtol})})
+    inputs = {"prepare": upstream_bf16.root / "prepare",
+              "degrade": upstream_bf16.root / "degrade", "train": tmp_path / "train"}
+    with pytest.raises(ValueError, match=r"export\.rtol_16bit=1e-05"):
+        export_stage(_ctx("export", strict, tmp_path / "export-strict", inputs))
+    folder = tmp_path / "export" / MODEL_DIR
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
 
 def test_training_free_fit_recovers_and_starts_the_trained_methods(upstream: Upstream,

@@ -244,6 +244,19 @@ def test_export_checks_in_float64_unless_told_the_model_dtype(c13: RunConfig) ->
     assert _plan(c13)["export"].host_bytes == weights + 4 * weights
     model = _plan(cfg_of("llama-13b", "export.check_dtype=model"))["export"]
     assert model.host_bytes == 2 * weights and "model's dtype" in " ".join(model.notes)
+    f32 = _plan(cfg_of("llama-13b", "export.check_dtype=float32"))["export"]
+    assert f32.host_bytes == weights + 2 * weights and "float32" in " ".join(f32.notes)
+
+
+def test_the_export_bound_of_a_16bit_model_allows_its_saved_bias_rounding() -> None:
+    import torch
+
+    from recoup.stages.export import ExportConfig, allowed_logit_diff
+
+    cfg = ExportConfig()
+    assert allowed_logit_diff(cfg, torch.float32, 35.0) == pytest.approx(1e-4 + 35e-5)
+    for dtype in (torch.bfloat16, torch.float16):  # SmolLM2 bf16: 0.32-0.43 measured
+        assert allowed_logit_diff(cfg, dtype, 35.0) == pytest.approx(1e-4 + 0.03 * 35)
 
 
 def test_synthesize_in_bfloat16_plans_the_weights_at_two_bytes() -> None:
