@@ -108,12 +108,15 @@ class ExportConfig(StrictModel):
 CHECK_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+def rtol_field(model_dtype: torch.dtype) -> str:
+    """The :class:`ExportConfig` field bounding a model saved in ``model_dtype``: its folded
+    bias carries that dtype's rounding whatever the check's precision."""
+    return "rtol_16bit" if model_dtype in (torch.bfloat16, torch.float16) else "rtol"
+
+
 def allowed_logit_diff(cfg: ExportConfig, model_dtype: torch.dtype, max_logit: float) -> float:
-    """The self-check's bound: ``atol + rtol * max|logit|``, with the 16-bit rtol for a
-    model saved in 16 bits (its folded bias carries that rounding whatever the check's
-    precision)."""
-    sixteen = model_dtype in (torch.bfloat16, torch.float16)
-    return cfg.atol + (cfg.rtol_16bit if sixteen else cfg.rtol) * max_logit
+    """The self-check's bound: ``atol + rtol * max|logit|``, rtol by :func:`rtol_field`."""
+    return cfg.atol + getattr(cfg, rtol_field(model_dtype)) * max_logit
 
 
 def zero_counts(model: Any) -> dict[str, int]:
@@ -294,7 +297,7 @@ def export_stage(ctx: StageContext) -> Metrics:
     diff = _max_logit_diff(reference, ctx.out_dir / MODEL_DIR, check_dtype, probe)
     allowed = allowed_logit_diff(cfg, dtype, float(reference.abs().max()))
     if diff > allowed:
-        rtol = "rtol_16bit" if dtype in (torch.bfloat16, torch.float16) else "rtol"
+        rtol = rtol_field(dtype)
         raise ValueError(f"the exported model's logits differ from the trained model's by "
                          f"{diff:.3g} (> export.atol={cfg.atol} + export.{rtol}="
                          f"{getattr(cfg, rtol)} x max|logit| = {allowed:.3g})")

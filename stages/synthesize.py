@@ -117,7 +117,7 @@ class SynthesizeConfig(PoolConfig):
         "model",
         description="Compute dtype of the generation. 'model': the prepared model's own. "
         "bfloat16 is how a GPU generates, and on a CPU with bf16 instructions (avx512_bf16, "
-        "AMX) it is faster than float32 (benchmarks/synthesize_throughput.py --dtype); the "
+        "AMX) faster than float32 (1.5x: benchmarks/synthesize_dtype.py); the "
         "text differs from float32's, sampled from the same seeds.",
         json_schema_extra=ADDED_FIELD)
 
