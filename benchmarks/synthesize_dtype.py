@@ -29,44 +29,29 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from synthesize_throughput import setup  # the same saved SmolLM2 (this folder is on sys.path)
 
-from recoup.stages.model import modelio
 from recoup.stages.synthesize import SynthesizeConfig, SynthesizeJob, SynthesizeWorker
-from recoup.stages.text.generation import shard_seed
+
+Row = dict[str, Any]  # a shard row: id, prompt, response, tokens
 
 
-def setup(work: Path) -> Path:
-    model_dir = work / "dense"
-    if not (model_dir / "config.json").is_file():
-        model, tok = modelio.load_source("smollm2-135m", torch.float32, trust_remote_code=False,
-                                         tiny=modelio.TinyLlamaConfig())
-        modelio.save_model(model, tok, model_dir)
-    return model_dir
-
-
-def generate_all(worker: SynthesizeWorker) -> tuple[float, list[tuple[str, str, int]]]:
-    """Every shard's sequences, as the stage draws them; seconds and (prompt, text, n)."""
-    job, cfg = worker.job, worker.job.config
-    rows: list[tuple[str, str, int]] = []
+def generate_all(worker: SynthesizeWorker) -> tuple[float, list[Row]]:
+    """Every shard's rows, as the stage generates them, and the seconds it took."""
     t0 = time.perf_counter()
-    for shard in range(job.num_shards):
-        n = len(job.shard_range(shard))
-        gen = torch.Generator().manual_seed(shard_seed(cfg.seed, shard))
-        starts = worker.pool[torch.randint(len(worker.pool), (n,), generator=gen)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(shard_seed(cfg.seed, shard))
-            for b in range(0, n, cfg.batch_size):
-                rows.extend(worker._text_batch(starts[b:b + cfg.batch_size]))
+    rows = [r for shard in range(worker.job.num_shards) for r in worker.generate_shard(shard)]
     return time.perf_counter() - t0, rows
 
 
 @torch.no_grad()
-def nll_per_token(model: object, tokenizer: object, rows: list[tuple[str, str, int]]) -> float:
+def nll_per_token(model: object, tokenizer: object, rows: list[Row]) -> float:
     """Mean NLL (nats) of each response's tokens given its prompt, under ``model``."""
     total = count = 0.0
-    for prompt, response, _ in rows:
+    for row in rows:
+        prompt, response = row["prompt"], row["response"]
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
         if not p or not r:
@@ -106,13 +91,14 @@ def main() -> None:
               f"batch {args.batch_size}, {args.cpus} threads", flush=True)
 
         seconds: dict[str, list[float]] = {d: [] for d in workers}
-        texts: dict[str, list[tuple[str, str, int]]] = {}
+        texts: dict[str, list[Row]] = {}
         for _ in range(2):
             for dtype, worker in workers.items():
                 s, rows = generate_all(worker)
                 seconds[dtype].append(s)
                 texts[dtype] = rows
-                print(f"  {dtype:8s} {s:6.1f} s, {sum(r[2] for r in rows) / s:6.1f} new tok/s",
+                tok_s = sum(r["tokens"] for r in rows) / s
+                print(f"  {dtype:8s} {s:6.1f} s, {tok_s:6.1f} new tok/s",
                       flush=True)
 
         scorer = workers["float32"]
@@ -122,12 +108,12 @@ def main() -> None:
         mean_s = {}
         for dtype, rows in texts.items():
             mean_s[dtype] = statistics.fmean(seconds[dtype])
-            n = sum(r[2] for r in rows)
+            n = sum(r["tokens"] for r in rows)
             nll = nll_per_token(scorer.model, scorer.tokenizer, rows)
             print(f"| {dtype} | {' / '.join(f'{x:.1f}' for x in seconds[dtype])} | {n} | "
                   f"{n / mean_s[dtype]:.1f} | {nll:.3f} |")
-        same = sum(a[1] == b[1] for a, b in zip(texts["float32"], texts["bfloat16"],
-                                                strict=True))
+        pairs = zip(texts["float32"], texts["bfloat16"], strict=True)
+        same = sum(a["response"] == b["response"] for a, b in pairs)
         print(f"\nsequences identical in both dtypes: {same} of {len(texts['float32'])}")
         print(f"synthesize_bf16_speedup: {mean_s['float32'] / mean_s['bfloat16']:.3f}")
 

@@ -45,7 +45,6 @@ from recoup.stages.synthesize import (
     marker_file,
     run_synthesize,
 )
-from recoup.stages.text.generation import shard_seed
 
 
 def setup(work: Path) -> Path:
@@ -65,17 +64,10 @@ def baseline(job: SynthesizeJob, cpus: int) -> dict[str, float]:
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     samples = tokens = 0
-    cfg = job.config
     for shard in range(job.num_shards):
-        n = len(job.shard_range(shard))
-        gen = torch.Generator().manual_seed(shard_seed(cfg.seed, shard))
-        starts = worker.pool[torch.randint(len(worker.pool), (n,), generator=gen)]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(shard_seed(cfg.seed, shard))
-            for b in range(0, n, cfg.batch_size):
-                rows = worker._text_batch(starts[b:b + cfg.batch_size])
-                samples += len(rows)
-                tokens += sum(r[2] for r in rows)
+        rows = worker.generate_shard(shard)
+        samples += len(rows)
+        tokens += sum(r["tokens"] for r in rows)
     return {"load_s": load_s, "gen_s": time.perf_counter() - t0, "samples": samples,
             "tokens": tokens}
 

@@ -57,6 +57,7 @@ from recoup.orchestrator import shards, store
 from recoup.orchestrator.config import ADDED_FIELD, fingerprint_dump
 from recoup.orchestrator.estimate import (
     FP32,
+    ITEMSIZE,
     EstimateInputs,
     StageEstimate,
     forward_working_bytes,
@@ -130,6 +131,11 @@ class SynthesizeConfig(PoolConfig):
         return self
 
 
+def generation_dtype(cfg: SynthesizeConfig, model_dtype: str) -> str:
+    """The dtype the dense model generates in: ``cfg.dtype``, or the prepared model's own."""
+    return model_dtype if cfg.dtype == "model" else cfg.dtype
+
+
 # --------------------------------------------------------------------------- the worker
 
 
@@ -181,8 +187,9 @@ class SynthesizeWorker:
     def __init__(self, job: SynthesizeJob) -> None:
         self.job = job
         self.device = worker_device(job.config.num_gpus_per_worker, job.device)
-        dtype = job.model_dtype if job.config.dtype == "model" else job.config.dtype
-        self.model = modelio.load_model(job.model_dir, modelio.DTYPES[dtype], self.device)
+        self.model = modelio.load_model(
+            job.model_dir, modelio.DTYPES[generation_dtype(job.config, job.model_dtype)],
+            self.device)
         self.tokenizer = modelio.load_tokenizer(job.model_dir)
         cfg = job.config
         self.stop = stop_tokens(self.tokenizer, self.model.generation_config)
@@ -231,9 +238,10 @@ class SynthesizeWorker:
                            self.stop, self.pad_id)
         return [(p, self._decode(a), len(a)) for p, a in zip(prompts, answers, strict=True)]
 
-    def run_shard(self, shard: int) -> dict[str, Any]:
+    def generate_shard(self, shard: int) -> list[dict[str, Any]]:
+        """One shard's rows (id, prompt, response, tokens), from the shard's own seed: the
+        same text whichever worker, or benchmark, generates it."""
         job, cfg = self.job, self.job.config
-        started = time.time()
         indices = job.shard_range(shard)
         seed = shard_seed(cfg.seed, shard)
         gen = torch.Generator().manual_seed(seed)
@@ -248,6 +256,12 @@ class SynthesizeWorker:
                                                     strict=True):
                     rows.append({"id": f"{ID_PREFIX}#{i}", "prompt": prompt,
                                  "response": response, "tokens": n})
+        return rows
+
+    def run_shard(self, shard: int) -> dict[str, Any]:
+        job = self.job
+        started = time.time()
+        rows = self.generate_shard(shard)
         write_shard(shard_file(job.out_dir, shard), rows)
         info = {"shard": shard, "rows": len(rows), "tokens": sum(r["tokens"] for r in rows),
                 "started": started, "finished": time.time()}
@@ -332,7 +346,7 @@ def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
     cfg: SynthesizeConfig = inp.config
     shape, hw = inp.shape, inp.hardware
     card = shape.card
-    item = {"model": shape.itemsize, "float32": FP32, "bfloat16": 2}[cfg.dtype]
+    item = ITEMSIZE[generation_dtype(cfg, card.dtype)]
     longest = 1 + cfg.length + (cfg.prompt_length if cfg.mode == "chat" else 0)
     parts = {
         "dense weights": shape.params * item,
