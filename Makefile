@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint clean browser
+.PHONY: setup demo test test-all gpu-check lint clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "" 
+
+# On a machine with a CUDA GPU, in an environment with a CUDA torch and recoup installed
+# (`pip install -e .`; not `make setup`, which pins the CPU torch): the tests marked `gpu`
+# and the GPU memory of every stage against `recoup plan` (benchmarks/gpu_memory.py).
+gpu-check:
+	$(PYTHON) -m pytest -q -m gpu
+	$(PYTHON) benchmarks/gpu_memory.py
 
 # The report test opens the HTML report in a headless browser. Best effort: install
 # Debian's chromium when it is missing and we can (root, apt-get); otherwise that test skips.
