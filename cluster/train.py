@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -109,26 +110,37 @@ class CrashHook:
 
 
 def _set_accelerator(device_type: str) -> None:
-    """DeepSpeed picks its accelerator once, on import: CPU runs must say so before."""
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """DeepSpeed picks its accelerator once, on import, from ``DS_ACCELERATOR`` or what it
+    finds: a run says which before, and a DeepSpeed already loaded for another device (a
+    ``DS_ACCELERATOR=cpu`` inherited from a shell or a CPU test) is refused here, not left
+    to fail later on tensors of the wrong device."""
+    if "deepspeed" not in sys.modules:
+        if device_type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        elif device_type == "cuda" and os.environ.get("DS_ACCELERATOR") == "cpu":
+            os.environ["DS_ACCELERATOR"] = "cuda"
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
-    if device_type == "cpu" and name != "cpu":
+    if device_type in ("cpu", "cuda") and name != device_type:
         raise RuntimeError(
-            f"DeepSpeed was already loaded for {name!r} in this process; a CPU run needs "
-            "DS_ACCELERATOR=cpu set before deepspeed is imported"
+            f"DeepSpeed was already loaded for {name!r} in this process; a {device_type} run "
+            f"needs DS_ACCELERATOR={device_type} set before deepspeed is imported"
         )
 
 
 def _worker_device(device: str) -> torch.device:
-    """This worker's device: on GPU the one of its local rank (Ray Train and torchrun
-    set LOCAL_RANK and let a node's workers see all of its GPUs)."""
+    """This worker's device, made the current CUDA device (DeepSpeed places partitions and
+    its engine on the current device and ``LOCAL_RANK``). With several workers, the GPU of
+    the local rank (Ray Train and torchrun set LOCAL_RANK and let a node's workers see all
+    of its GPUs), whatever index ``device`` names; a single worker uses the index it is
+    given (the in-process launcher sets LOCAL_RANK to it)."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
+    torch.cuda.set_device(dev)
     return dev
 
 
@@ -305,12 +317,14 @@ def _run_inprocess(config: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("torch.distributed is already initialised in this process; "
                            "in-process training needs its own single-process group")
     # What a launcher (torchrun, Ray Train) would set; DeepSpeed checks LOCAL_RANK.
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+    dev = torch.device(config["device"])
+    local = str(dev.index or 0) if dev.type == "cuda" else "0"  # cuda:N -> DeepSpeed's GPU N
+    env = {"RANK": "0", "LOCAL_RANK": local, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        backend = "nccl" if torch.device(config["device"]).type == "cuda" else "gloo"
+        backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
         try:
             return train_loop(config)

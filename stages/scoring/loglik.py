@@ -135,8 +135,11 @@ def score_requests(model: torch.nn.Module, requests: Sequence[Request], *,
             # No mask: padding is on the right, so under the causal mask no real token sees
             # it, and attention keeps its fast causal path. The continuation pass masks the
             # padding's cache entries.
+            # Index tensors stay on the CPU: a CPU index works on a tensor of any device,
+            # and a model spread over GPUs (device_map) returns its states on the last
+            # one while its cache layers live on theirs.
             first_lp, cache = fwd(ctx_ids.to(device), None, positions.to(device), None,
-                                  last.to(device))  # (G, V)
+                                  last)  # (G, V)
             # Continuations longer than one token resume from their context's cache.
             rows = [(gi, r) for gi, g in enumerate(batch) for r in g.members
                     if len(requests[r][1]) > 1]
@@ -145,14 +148,14 @@ def score_requests(model: torch.nn.Module, requests: Sequence[Request], *,
                 tails = [list(requests[r][1][:-1]) for _, r in rows]
                 tail_ids, tail_mask = _pad(tails, pad_id)  # (R, Lk)
                 owner = torch.tensor([gi for gi, _ in rows])  # (R,)
-                cache.batch_select_indices(owner.to(device))
+                cache.batch_select_indices(owner)
                 mask = torch.cat([ctx_mask[owner], tail_mask], dim=1)  # (R, Lc + Lk)
                 # contexts of one length leave no padding in the cache: no mask needed
                 mask = None if bool(ctx_mask.all()) else mask.to(device)
                 pos = lengths[owner, None] + torch.arange(tail_ids.shape[1])  # (R, Lk)
                 keep = tail_mask.nonzero()  # (K, 2) row-major: row by row, in order
                 tail_lp, _ = fwd(tail_ids.to(device), mask, pos.to(device), cache,
-                                 keep.to(device))  # (K, V)
+                                 keep)  # (K, V)
                 offset = 0
                 for (_, r), tail in zip(rows, tails, strict=True):
                     rest[r] = (tail_lp, offset)

@@ -61,3 +61,23 @@ def test_largest_block_is_a_decoder_layer() -> None:
     layer = model.model.layers[0]
     assert largest_block_params(model) == sum(p.numel() for p in layer.parameters())
     assert largest_block_params(torch.nn.Linear(4, 4)) == 0
+
+
+def test_a_deepspeed_loaded_for_another_device_is_refused_by_name(monkeypatch) -> None:
+    """DeepSpeed picks its accelerator once per process: a GPU run in a process whose
+    DeepSpeed took the CPU accelerator (an inherited DS_ACCELERATOR=cpu) stops at once,
+    naming the variable, instead of failing later on tensors of the wrong device."""
+    import os
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: F401  (loaded here for the CPU, as the CPU tests load it)
+    from deepspeed.accelerator import get_accelerator
+
+    from recoup.cluster.train import _set_accelerator, _worker_device
+
+    assert get_accelerator().device_name() == "cpu"
+    _set_accelerator("cpu")  # the device it was loaded for: fine
+    with pytest.raises(RuntimeError, match="DS_ACCELERATOR=cuda"):
+        _set_accelerator("cuda")
+    assert os.environ["DS_ACCELERATOR"] == "cpu"  # left as it was: deepspeed was loaded
+    assert _worker_device("cpu").type == "cpu"
