@@ -186,10 +186,12 @@ class SynthesizeWorker:
 
     def __init__(self, job: SynthesizeJob) -> None:
         self.job = job
-        self.device = worker_device(job.config.num_gpus_per_worker, job.device)
-        self.model = modelio.load_model(
+        # a worker given several GPUs (a model larger than one) spreads the model over them;
+        # its inputs then go to the first, where the embeddings are
+        self.model = modelio.load_model_spread(
             job.model_dir, modelio.DTYPES[generation_dtype(job.config, job.model_dtype)],
-            self.device)
+            worker_device(job.config.num_gpus_per_worker, job.device))
+        self.device = modelio.input_device(self.model)
         self.tokenizer = modelio.load_tokenizer(job.model_dir)
         cfg = job.config
         self.stop = stop_tokens(self.tokenizer, self.model.generation_config)
