@@ -44,7 +44,11 @@ class ClusterConfig(StrictModel):
         2.0, gt=0, description="CPUs a single-task stage (prepare, degrade, evaluate) asks for."
     )
     stage_gpus: float = Field(
-        0.0, ge=0, description="GPUs a single-task stage asks for (0 on CPU machines)."
+        0.0, ge=0,
+        description="GPUs a single-task stage asks for (0 on CPU machines). evaluate gives "
+        "them to each of its model tasks (the perplexity pass, every zero-shot shard) and "
+        "holds none itself; collect, synthesize and train hold none in their own task (their "
+        "workers' GPUs are set in their sections).",
     )
     stages: dict[str, StageResources] = Field(
         {},

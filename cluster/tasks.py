@@ -57,7 +57,13 @@ def _call_attached(fn: Callable[..., T], args: tuple[Any, ...], threads: int,
                    channel: Channel | None) -> T:
     """A Ray task's body: :func:`_call_with_threads` as a worker of the calling stage (its
     output into the stage's log, its progress to the driver)."""
+    import ray
+
     with attached(channel):
+        gpus = ray.get_gpu_ids()
+        if gpus:  # where a task's device work ran, in the stage's log
+            log.info("%s: on GPU %s of %s", fn.__name__, ",".join(map(str, gpus)),
+                     ray.get_runtime_context().get_node_id()[:8])
         return _call_with_threads(fn, args, threads)
 
 
@@ -96,13 +102,17 @@ def ray_session(cluster_cfg: ClusterConfig) -> Iterator[None]:
 
 
 def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg: ClusterConfig,
-            num_cpus: float, threads: int, max_parallel: int | None, name: str,
-            bar: Any) -> list[T]:
+            num_cpus: float, num_gpus: float, threads: int, max_parallel: int | None,
+            name: str, bar: Any) -> list[T]:
     import ray
 
+    from recoup.cluster.runtime import check_placement
+
     with ray_session(cluster_cfg):
+        if num_gpus:  # a task no node can hold would wait forever
+            check_placement([{"CPU": num_cpus, "GPU": num_gpus}], f"a {name!r} task")
         remote: Any = ray.remote(_call_attached).options(
-            num_cpus=num_cpus, max_retries=0, name=name
+            num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0, name=name
         )
         limit = len(items) if max_parallel is None else max_parallel
         results: dict[int, T] = {}
@@ -134,6 +144,7 @@ def map_layers(
     cluster_cfg: ClusterConfig,
     *,
     num_cpus_per_task: float = 1.0,
+    num_gpus_per_task: float = 0.0,
     max_parallel: int | None = None,
     desc: str = "layers",
     progress: bool = True,
@@ -145,6 +156,10 @@ def map_layers(
     ``max_parallel`` caps the tasks in flight (``None``: all, Ray queues what does not fit
     in the cluster's CPUs); it has no effect in-process. The first failing task's own
     exception is raised, and the tasks still queued are cancelled.
+
+    ``num_gpus_per_task``: GPUs each task asks Ray for, and then sees alone (Ray sets its
+    ``CUDA_VISIBLE_DEVICES``). A task given none sees every GPU of its node, so device
+    work must ask for its GPUs; in-process it has no effect.
     """
     if max_parallel is not None and max_parallel < 1:
         raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
@@ -156,8 +171,8 @@ def map_layers(
             return []
         if cluster_cfg.mode == "ray" and _ray_available():
             name = f"recoup:{desc}"
-            return _on_ray(fn, items, cluster_cfg, num_cpus_per_task, threads, max_parallel,
-                           name, bar)
+            return _on_ray(fn, items, cluster_cfg, num_cpus_per_task, num_gpus_per_task,
+                           threads, max_parallel, name, bar)
         if cluster_cfg.mode == "ray":
             log.warning("Ray is not installed: running %d %s tasks serially in this process",
                         len(items), desc)

@@ -318,7 +318,7 @@ def _execute(plan: StagePlan, cfg: RunConfig, executor: Executor,
     ctx = stage_context(cfg, spec, out_dir=work, inputs=inputs, fingerprint=plan.fingerprint,
                         upstream=plan.upstream, progress=progress, data_files=plan.data)
     cpus, gpus = cfg.cluster.resources_for(spec.name)
-    resources = Resources(num_cpus=cpus, num_gpus=gpus)
+    resources = Resources(num_cpus=cpus, num_gpus=gpus if spec.holds_gpus else 0.0)
     started = time.time()
     try:
         metrics = executor.execute(spec, ctx, resources)

@@ -129,6 +129,11 @@ class StageSpec:
     report: Callable[[Metrics], str] | None = None
     #: its memory / disk / GPU estimate for ``recoup plan``; None: "no estimate"
     estimate: Estimate | None = None
+    #: False where the stage's GPU work runs in the workers or tasks it starts (a pool,
+    #: Ray Train, model tasks): its own task then asks Ray for no GPU whatever the cluster
+    #: settings say, since Ray keeps the GPUs of a task that waits on others and those
+    #: workers could never get them
+    holds_gpus: bool = True
 
     def inputs_in(self, pipeline: tuple[str, ...]) -> tuple[str, ...]:
         """The upstream stages this stage reads in a given pipeline."""
@@ -153,6 +158,7 @@ def register_stage(
     summarize: Callable[[Metrics], str] | None = None,
     report: Callable[[Metrics], str] | None = None,
     estimate: Estimate | None = None,
+    holds_gpus: bool = True,
 ) -> Callable[[StageFn], StageFn]:
     """Register ``fn`` as stage ``name``; a second registration of a name is an error.
 
@@ -172,6 +178,7 @@ def register_stage(
             summarize=summarize or (lambda m: ""),
             report=report,
             estimate=estimate,
+            holds_gpus=holds_gpus,
         ))
         return fn
 

@@ -379,7 +379,8 @@ def estimate_collect(inp: EstimateInputs) -> StageEstimate:
 
 
 @register_stage(name="collect", version=2, requires=("prepare", "degrade", "data"),
-                resumable=True, summarize=_summary, estimate=estimate_collect)
+                resumable=True, summarize=_summary, estimate=estimate_collect,
+                holds_gpus=False)
 def collect(ctx: StageContext) -> Metrics:
     cfg: CollectConfig = ctx.config
     prepared, data_dir = ctx.input("prepare"), ctx.input("data")

@@ -16,6 +16,12 @@ is in the pipeline, the recovered one. Three measurements each:
   :func:`recoup.cluster.tasks.map_layers`; serially in-process without Ray), each
   loading the model once.
 
+GPUs: under Ray, the perplexity pass runs as one task and every zero-shot shard as one
+task, each asking for the stage's GPUs (``cluster.stages.evaluate.gpus``, else
+``cluster.stage_gpus``): those of one model, which it then sees alone. The stage's own
+task holds none (``holds_gpus=False``): a task waiting on others keeps its GPUs, and on a
+one-GPU machine its shards could never start.
+
 The printed "gap closed" is :mod:`recoup.stages.scoring.gap`'s, the report's too.
 
 Cache: every result is stored under ``RUN/.cache/evaluate/<model key>/``, where the model
@@ -56,7 +62,7 @@ from recoup.stages.scoring.cache import read_checked, write_checked
 from recoup.stages.scoring.footprint import logprobs_disk_bytes, working_parts
 from recoup.stages.scoring.gap import metric_gap_closed
 from recoup.stages.scoring.sparsity import linear_sparsity
-from recoup.stages.scoring.wikitext import score_one_at_a_time, window_range
+from recoup.stages.scoring.wikitext import score_models_task, window_range
 from recoup.stages.scoring.zeroshot import DocScore, TaskSpec
 from recoup.stages.scoring.zeroshot_config import ZeroShotConfig, zeroshot_dtype
 from recoup.stages.scoring.zeroshot_worker import ShardJob, zeroshot_shard
@@ -205,8 +211,9 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], model_dtype: str, 
         ctx.log.info("zero-shot: %d shard tasks for %s", len(items),
                      ", ".join(r.name for r in refs if counts[r.name]["computed"]))
         map_layers(zeroshot_shard, items, ctx.cluster,
-                   num_cpus_per_task=cfg.cpus_per_shard, max_parallel=cfg.workers,
-                   desc="zero-shot", progress=False)
+                   num_cpus_per_task=cfg.cpus_per_shard,
+                   num_gpus_per_task=ctx.cluster.resources_for("evaluate")[1],
+                   max_parallel=cfg.workers, desc="zero-shot", progress=False)
         progress.close_shared(ZEROSHOT_BAR)
     results: dict[str, dict[str, Any]] = {}
     for ref in refs:
@@ -223,7 +230,7 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], model_dtype: str, 
 def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], card: modelio.ModelCard,
                  cache: Path) -> tuple[dict[str, dict[str, float]], dict[str, str], int]:
     """Perplexity and KL to dense of every model, computing only what the cache lacks, one
-    model resident at a time (:func:`score_one_at_a_time`; each result is cached as soon
+    model resident at a time (:func:`score_models_task`; each result is cached as soon
     as its model finishes). Returns the results, per model ``"cached"``/``"computed"``,
     and the window count."""
     cfg: EvaluateConfig = ctx.config
@@ -237,27 +244,29 @@ def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], card: modelio.Mode
     todo = [r for r in refs if cached[r.name] is None]
     state = {r.name: ("computed" if cached[r.name] is None else "cached") for r in refs}
     if todo:
-        torch_dtype = modelio.DTYPES[card.dtype]
         wikitext = resolve_data_file(cfg.wikitext, ctx.data_dir())
         assert wikitext is not None
         check_text_file(wikitext, "evaluate.wikitext")
         text = lm_metrics.read_wikitext(wikitext)
         ids = torch.tensor(modelio.load_tokenizer(dense_ref.folder)(text)["input_ids"])
         wins = window_range(ids, cfg.seq_len, cfg.window_start, cfg.max_windows)  # (W, seq_len)
-        folders = {r.name: r.folder for r in refs}
+        from recoup.cluster.tasks import map_layers
+
         reserve = sum(working_parts(card, batch_size=cfg.batch_size,
                                     seq_len=cfg.seq_len).values())
-
-        def load(name: str) -> Any:
-            return modelio.load_model_spread(folders[name], torch_dtype, ctx.device,
-                                             reserve_bytes=reserve)
-
-        def done(name: str, res: dict[str, float]) -> None:
-            cached[name] = {**res, "windows": int(wins.shape[0])}
-            write_checked(paths[name], cached[name])
-
-        score_one_at_a_time(load, [r.name for r in todo], "dense", wins, cfg.batch_size,
-                            ctx.out_dir / DENSE_LOGPROBS, done=done, progress=ctx.progress)
+        # one task holding one model's GPUs (under Ray; in this process otherwise), the
+        # same GPUs as each zero-shot shard: this stage's own task holds none
+        cpus, gpus = ctx.cluster.resources_for("evaluate")
+        map_layers(score_models_task, [(
+            {r.name: r.folder for r in refs}, [r.name for r in todo], "dense", card.dtype,
+            ctx.device, wins, cfg.batch_size, ctx.out_dir / DENSE_LOGPROBS,
+            {r.name: paths[r.name] for r in todo}, reserve, ctx.progress)],
+            ctx.cluster, num_cpus_per_task=cpus, num_gpus_per_task=gpus, desc="perplexity",
+            progress=False)
+        cached = {r.name: read_checked(paths[r.name]) for r in refs}
+        missing = [n for n, c in cached.items() if c is None]
+        if missing:
+            raise RuntimeError(f"the perplexity task wrote no result for {', '.join(missing)}")
     windows = int(cached["dense"]["windows"])
     return ({n: {"ppl": c["ppl"], "kl_to_dense": c["kl_to_dense"]} for n, c in cached.items()},
             state, windows)
@@ -364,7 +373,8 @@ def estimate_evaluate(inp: EstimateInputs) -> StageEstimate:
                      + ("" if fits else f", more than a node's {hw.gpus_per_node}"))
     if need is not None and gpus < need and inp.device != "cpu":
         fits = False
-        notes.append(f"set cluster.stages.evaluate.gpus={need} (its task asks for {gpus:g})")
+        notes.append(f"set cluster.stages.evaluate.gpus={need} (each model task asks for "
+                     f"{gpus:g})")
     if cfg.zeroshot.tasks:
         notes.append(f"zero-shot: {cfg.zeroshot.shards} shard tasks per model, each loading "
                      f"one model ({gb(shape.weights_bytes)}), spread like the above")
@@ -376,7 +386,7 @@ def estimate_evaluate(inp: EstimateInputs) -> StageEstimate:
 # version 4: one model resident at a time; KL against the stored float16 dense log-probs
 @register_stage(name="evaluate", version=4, requires=("prepare", "degrade"),
                 optional=("export",), summarize=_summary, report=format_table,
-                estimate=estimate_evaluate)
+                estimate=estimate_evaluate, holds_gpus=False)
 def evaluate(ctx: StageContext) -> Metrics:
     cfg: EvaluateConfig = ctx.config
     prepared = ctx.input("prepare")

@@ -371,7 +371,7 @@ def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
 
 
 @register_stage(name="synthesize", version=1, requires=("prepare",), resumable=True,
-                summarize=_summary, estimate=estimate_synthesize)
+                summarize=_summary, estimate=estimate_synthesize, holds_gpus=False)
 def synthesize(ctx: StageContext) -> Metrics:
     cfg: SynthesizeConfig = ctx.config
     prepared = ctx.input("prepare")

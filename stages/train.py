@@ -422,7 +422,7 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
 register_stage(name="train", version=STAGE_VERSION, resumable=True,
                requires=("prepare", "degrade", "data"),
                optional=("collect", "svd", "select", "sensitivity"),
-               summarize=_summary, estimate=estimate_train)(train_stage)
+               summarize=_summary, estimate=estimate_train, holds_gpus=False)(train_stage)
 
 
 __all__ = ("PARAMS_DIR", "TrainConfig", "build_job", "read_svd", "train_stage")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from recoup.cluster.progress import bar as progress_bar
 from recoup.stages.model import lm_metrics
-from recoup.stages.model.modelio import input_device
+from recoup.stages.model.modelio import DTYPES, input_device, load_model_spread
+from recoup.stages.scoring.cache import write_checked
 from recoup.stages.scoring.dense_logprobs import DenseLogProbs
 
 #: A model's WikiText results: ``{"ppl": ..., "kl_to_dense": ...}``.
@@ -183,3 +184,24 @@ def score_one_at_a_time(load: Callable[[str], Any], names: Sequence[str], dense:
         if store is not None:
             store.remove()
     return results
+
+
+def score_models_task(folders: dict[str, Path], names: list[str], dense: str, dtype: str,
+                      device: str, ids: torch.Tensor, batch_size: int, logprobs_file: Path,
+                      out_files: dict[str, Path], reserve_bytes: int, progress: bool) -> None:
+    """The evaluate stage's perplexity work as one task (a Ray task that holds the GPUs of
+    one model, or a call in the stage's process): :func:`score_one_at_a_time` on the
+    models in ``folders``, each loaded in ``dtype`` onto ``device`` (spread over the task's
+    GPUs when it does not fit one, ``reserve_bytes`` kept free on each for a batch), and
+    each model's result written to its ``out_files`` entry (with the window count) as
+    soon as the model finishes, so a crash keeps what was done."""
+
+    def load(name: str) -> Any:
+        return load_model_spread(folders[name], DTYPES[dtype], device,
+                                 reserve_bytes=reserve_bytes)
+
+    def done(name: str, res: Result) -> None:
+        write_checked(out_files[name], {**res, "windows": int(ids.shape[0])})
+
+    score_one_at_a_time(load, names, dense, ids, batch_size, logprobs_file, done=done,
+                        progress=progress)

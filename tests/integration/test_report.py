@@ -349,3 +349,45 @@ def test_the_html_page_renders_in_a_headless_browser(tmp_path: Path) -> None:
     width = float(re.search(r'data-table-width="([\d.]+)"', dom).group(1))
     assert width > 200, "the results table has no width: it did not render"
     assert "<td>75.0%</td>" in dom
+
+
+@pytest.fixture
+def one_gpu_ray():  # noqa: ANN201 - yields the ray module
+    """A local Ray that declares one GPU. Ray only counts it (the work runs on the CPU),
+    which is all its scheduling of GPU tasks needs."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_on_a_one_gpu_cluster_evaluate_gives_its_gpu_to_each_model_task(
+        tmp_path: Path, data_dir: Path, one_gpu_ray: Any) -> None:
+    """``stage_gpus: 1`` on a one-GPU cluster: evaluate's own task holds no GPU (it waits on
+    its tasks, and Ray keeps a waiting task's GPUs), so the perplexity task and every
+    zero-shot shard get the GPU in turn. Were the stage's task holding it, its shards
+    would wait forever: the run is given 5 minutes."""
+    import threading
+
+    from recoup.cluster.runtime import RayExecutor
+
+    cfg = _config(tmp_path, data_dir, cluster={"mode": "ray", "stage_gpus": 1},
+                  run={"pipeline": ["prepare", "degrade", "evaluate"]})
+    done: dict[str, Any] = {}
+
+    def run() -> None:  # each stage a Ray task, as `recoup run` runs it
+        done["out"] = run_pipeline(cfg, progress=False, echo=lambda s: None,
+                                   executor_factory=lambda: RayExecutor(cfg.cluster,
+                                                                        progress=False))
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=300)
+    assert "out" in done, "evaluate did not finish: its tasks never got the GPU"
+    assert done["out"].ran == ["prepare", "degrade", "evaluate"]
+    log = (tmp_path / "logs" / "evaluate.log").read_text()
+    assert "score_models_task: on GPU 0" in log
+    assert log.count("zeroshot_shard: on GPU 0") == 4  # 2 shards x 2 models, each on the GPU
