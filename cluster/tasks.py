@@ -62,7 +62,9 @@ def _call_attached(fn: Callable[..., T], args: tuple[Any, ...], threads: int,
     with attached(channel):
         gpus = ray.get_gpu_ids()
         if gpus:  # where a task's device work ran, in the stage's log
-            log.info("%s: on GPU %s of %s", fn.__name__, ",".join(map(str, gpus)),
+            inner = args[0] if fn is _call else fn  # run_task's fn, maybe a partial
+            name = getattr(getattr(inner, "func", inner), "__name__", "task")
+            log.info("%s: on GPU %s of %s", name, ",".join(map(str, gpus)),
                      ray.get_runtime_context().get_node_id()[:8])
         return _call_with_threads(fn, args, threads)
 
@@ -136,6 +138,25 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
                     raise (e.cause if e.cause is not None else e) from None
                 bar.update(1)
         return [results[i] for i in range(len(items))]
+
+
+def run_task(fn: Callable[[], T], cluster_cfg: ClusterConfig, *, num_cpus: float,
+             num_gpus: float, desc: str) -> T:
+    """``fn()`` as one Ray task asking for ``num_gpus`` GPUs, or a plain call in-process
+    (``cluster.mode: inprocess``: this process's threads and devices, as before Ray).
+
+    For the device work of a stage whose own task holds no GPU (``holds_gpus=False``): the
+    work then runs where its GPUs are, and leaves no CUDA context in the stage's task.
+    ``fn`` must pickle (a module-level function, or a ``functools.partial`` of one) and
+    return CPU tensors: its result may travel to a host without a GPU."""
+    if cluster_cfg.mode == "inprocess":
+        return fn()
+    return map_layers(_call, [(fn,)], cluster_cfg, num_cpus_per_task=num_cpus,
+                      num_gpus_per_task=num_gpus, desc=desc, progress=False)[0]
+
+
+def _call(fn: Callable[[], T]) -> T:
+    return fn()
 
 
 def map_layers(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from pydantic import Field, field_validator
 
 from recoup.cluster import capacity
 from recoup.cluster.engine import EngineConfig, use_bf16, use_checkpointing
+from recoup.cluster.tasks import run_task
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
@@ -74,7 +76,7 @@ from recoup.stages.recovery.config import (
     LoraAdapterConfig,
     LossConfig,
 )
-from recoup.stages.recovery.inits import fit_starts, lost_components
+from recoup.stages.recovery.inits import Starts, fit_starts, lost_components
 from recoup.stages.recovery.job import TrainJob
 from recoup.stages.recovery.layer_ranking import top_layers
 from recoup.stages.recovery.methods import RecoveryMethod, get_method, method_names
@@ -226,7 +228,11 @@ def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, An
     if not (lcc_fit or eora_fit):
         return {}
     cf = cfg.closed_form
-    fit = fit_starts(
+    # one task on the GPUs of the stage (its own task holds none: Ray Train's workers need
+    # them next), a plain call in-process
+    cpus, gpus = ctx.cluster.resources_for("train")
+    fit: Starts = run_task(partial(
+        fit_starts,
         dense_dir=job["dense_dir"], degraded_dir=job["degraded_dir"], dtype=card.dtype,
         heads=job["chosen"] if lcc_fit else None,
         eora_layers=job["lora_layers"] if eora_fit else None, targets=cfg.lora.targets,
@@ -234,7 +240,8 @@ def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, An
         masked=cfg.lora.merge == "masked",
         calibration=[e.ids for e in encoded[: cf.samples]], pad_id=job["pad_id"],
         device=ctx.device, micro_batch=cf.micro_batch, offload=cf.offload,
-        eig_rtol=cf.eig_rtol, progress=ctx.progress)
+        eig_rtol=cf.eig_rtol, progress=ctx.progress),
+        ctx.cluster, num_cpus=cpus, num_gpus=gpus, desc="closed-form fit")
     if fit.lost is not None:
         job["lost"] = fit.lost
     if fit.lora_init is not None:
@@ -258,9 +265,12 @@ def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
         errors = torch.tensor(read_sensitivity(ctx.input("sensitivity"))["errors"])
         source = "sensitivity"
     else:
-        errors = measure_layer_errors(
-            ctx.input("prepare") / MODEL_DIR, ctx.input("degrade") / MODEL_DIR, card.dtype,
-            ctx.device, encoded[: cfg.lora.auto_samples], pad, cfg.engine.micro_batch)
+        cpus, gpus = ctx.cluster.resources_for("train")
+        errors = run_task(partial(
+            measure_layer_errors, ctx.input("prepare") / MODEL_DIR,
+            ctx.input("degrade") / MODEL_DIR, card.dtype, ctx.device,
+            encoded[: cfg.lora.auto_samples], pad, cfg.engine.micro_batch),
+            ctx.cluster, num_cpus=cpus, num_gpus=gpus, desc="layer errors")
         source = "training samples"
     layers = tuple(top_layers(errors, cfg.lora.auto_layers))
     ctx.log.info("LoRA layers (auto, largest output error, from %s): %s", source, list(layers))

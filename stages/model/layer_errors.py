@@ -29,7 +29,7 @@ def measure_layer_errors(dense_dir: Path, degraded_dir: Path, dtype: str, device
     dense = modelio.load_model(dense_dir, modelio.DTYPES[dtype], device)
     degraded = modelio.load_model(degraded_dir, modelio.DTYPES[dtype], device)
     modelio.check_same_architecture(dense, degraded, "layer sensitivity: the degraded model")
-    return rank_layers(dense, degraded, batches, normalize)
+    return rank_layers(dense, degraded, batches, normalize).cpu()  # may travel to a CPU host
 
 
 def ranking(errors: Sequence[float]) -> list[int]:

@@ -109,7 +109,7 @@ def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
         facts["closed_form_max_norm"] = round(norms["max_norm"], 6)
     if eora_layers is not None:
         scale = alpha / rank
-        lora_init = {name: tuple(t.float() for t in peft_factors(B, A, scale))
+        lora_init = {name: tuple(t.float().cpu() for t in peft_factors(B, A, scale))
                      for name, (B, A) in fit.factors.items()}
         facts["eora_modules"] = len(fit.factors)
     facts["fit_seconds"] = round(time.perf_counter() - started, 3)

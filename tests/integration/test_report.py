@@ -391,3 +391,21 @@ def test_on_a_one_gpu_cluster_evaluate_gives_its_gpu_to_each_model_task(
     log = (tmp_path / "logs" / "evaluate.log").read_text()
     assert "score_models_task: on GPU 0" in log
     assert log.count("zeroshot_shard: on GPU 0") == 4  # 2 shards x 2 models, each on the GPU
+
+
+def test_run_task_runs_on_the_gpus_it_asks_for(one_gpu_ray: Any) -> None:
+    """A stage's device work handed to :func:`run_task` (train's closed-form fit and layer
+    errors) sees the GPU it asked for, and only it; in-process it is a plain call here."""
+    import functools
+    import os
+
+    from recoup.cluster.config import ClusterConfig
+    from recoup.cluster.tasks import run_task
+
+    visible = functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES", "unset")  # read there
+    on_ray = ClusterConfig(mode="ray")
+    assert run_task(visible, on_ray, num_cpus=1, num_gpus=1, desc="t") == "0"
+    assert run_task(visible, on_ray, num_cpus=1, num_gpus=0, desc="t") == "unset"
+    here = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    assert run_task(visible, ClusterConfig(mode="inprocess"), num_cpus=1, num_gpus=1,
+                    desc="t") == here
