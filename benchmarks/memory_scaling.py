@@ -3,21 +3,22 @@
     python benchmarks/memory_scaling.py                    # 1.5 GB random Llama (long)
     python benchmarks/memory_scaling.py --size-gb 0.05 --steps 3   # smoke test, minutes
 
-A random Llama of about ``--size-gb`` float32 bytes (default 1.5 GB: 16 layers, hidden
-1280, 20 heads of 64 with 10 KV heads, MLP 3456, vocab 32000; other sizes scale layers with
-the cube root of the size and pick the hidden width, a multiple of 64, that comes closest)
-is saved as a Hugging Face folder with the byte-level tokenizer of the test model. A run
+A random Llama of about ``--size-gb`` float32 bytes (default 1.5 GB: 16 layers, hidden 1280,
+20 heads of 64 with 10 KV heads, MLP 3456, vocab 32000; other sizes scale layers with the
+cube root of the size and pick the hidden width, a multiple of 64, that comes closest) is
+saved as a Hugging Face folder with the byte-level tokenizer of the test model. A run
 directory is then built by the real pipeline, one ``recoup run`` process per stage (each
 invocation's pipeline is the previous one plus one stage, so the finished ones are reused):
 ``prepare`` (prepare.source = the saved folder), ``degrade`` (magnitude 50%), ``data``
-(Alpaca samples and triplets), ``collect`` (block by block), ``svd``, ``select``,
-``evaluate`` (dense then degraded, one model resident at a time, the dense log-probs on
-disk, no zero-shot) and ``train`` (``lcc+lora``, KL on the dense model's cached top-k,
-DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few steps, in float32; ``--precision
-bf16`` trains as a GPU run does, bf16 partitions and teacher pass, and the plan's figures
-follow the setting). Every stage but train runs with ``cluster.mode: inprocess``, i.e. in
-the ``recoup run`` process itself; train runs with ``cluster.mode: ray``. Cluster settings
-are part of no fingerprint, so the switch re-runs nothing.
+(Alpaca samples and triplets), ``sensitivity`` (block by block), ``collect`` (block by
+block), ``svd``, ``select``, ``evaluate`` (dense then degraded, one model resident at a
+time, the dense log-probs on disk, no zero-shot) and ``train`` (``lcc+lora``, KL on the
+dense model's cached top-k, DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few
+steps, in float32; ``--precision bf16`` trains as a GPU run does, bf16 partitions and
+teacher pass, and the plan's figures follow the setting). Every stage but train runs with
+``cluster.mode: inprocess``, i.e. in the ``recoup run`` process itself; train runs with
+``cluster.mode: ray``. Cluster settings are part of no fingerprint, so the switch re-runs
+nothing.
 
 What is measured: a thread polls ``/proc/PID/status`` of the ``recoup run`` process and all
 its descendants (Ray's raylet, the stage's Ray task, the Ray Train workers) every
@@ -40,7 +41,8 @@ the code holds them: where the host figure names the same tensors as the device 
 (a model or block loaded on the host and moved to a "device" that is the host, a no-op),
 they are counted once: evaluate = device (one model + one batch), collect = device + host
 (its block is the weight file's mmap'ed pages, which the host figure leaves out),
-degrade = host + device less one block, prepare = host, train = device + host
+degrade = host + device less one block, sensitivity = device + host less its two blocks
+(the files' pages, in both), prepare = host, train = device + host
 (rank 0's read buffer of one module beside its partition, gathered blocks and the
 prefetch's all-gather buffer). The plan leaves out the interpreter and its libraries, so
 the measured figure set against it is the peak less the RSS of an idle process of the
@@ -116,10 +118,10 @@ ZERO3_PERSISTENCE = 100_000
 #: the stages run, in order, each in its own `recoup run` process; "ray" runs it on Ray
 STEPS: tuple[tuple[str, str], ...] = (
     ("prepare", "inprocess"), ("degrade", "inprocess"), ("data", "inprocess"),
-    ("collect", "inprocess"), ("svd", "inprocess"), ("select", "inprocess"),
-    ("evaluate", "inprocess"), ("train", "ray"),
+    ("sensitivity", "inprocess"), ("collect", "inprocess"), ("svd", "inprocess"),
+    ("select", "inprocess"), ("evaluate", "inprocess"), ("train", "ray"),
 )
-COMPARED = ("prepare", "degrade", "collect", "evaluate", "train")
+COMPARED = ("prepare", "degrade", "sensitivity", "collect", "evaluate", "train")
 #: Ray's own start-up limit (30 s, not configurable) can pass on a loaded machine; such an
 #: attempt ran no stage, so it is repeated
 RAY_START_FAILURE = "The current node timed out during startup"
@@ -452,7 +454,9 @@ def plan_figures(cfg_path: Path) -> tuple[Any, dict[str, Any]]:
 def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     """Device + host bytes of one worker, each tensor counted once (module docstring)."""
     dev, host = est.device_bytes or 0, est.host_bytes or 0
-    overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes}.get(stage, 0)
+    overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes,
+               # its two blocks are the files' mmap'ed pages, in both figures
+               "sensitivity": 2 * shape.block_bytes}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 

@@ -27,7 +27,7 @@ from recoup.orchestrator.estimate import (
     EstimateInputs,
     StageEstimate,
     forward_working_bytes,
-    gpus_for,
+    gb,
 )
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
 from recoup.orchestrator.store import atomic_write_json
@@ -72,29 +72,31 @@ def _summary(m: Metrics) -> str:
 
 
 def estimate_sensitivity(inp: EstimateInputs) -> StageEstimate:
-    """Device: the dense and the degraded model both resident (:func:`measure_layer_errors`
-    loads both), and per batch every decoder layer's dense input and both outputs, kept
-    until the batch's errors are summed, plus the dense forward's logits."""
+    """Device: one decoder block of each model (:func:`measure_layer_errors` runs block by
+    block), the samples' hidden states with their causal masks and rotary tables, kept
+    between blocks, and one batch's forward working set in each block. Host: one block of
+    each model read from the files, and the embedding matrix."""
     cfg: SensitivityConfig = inp.config
     shape, hw = inp.shape, inp.hardware
     card, item = shape.card, shape.itemsize
     _, gpus = inp.task_resources
-    tokens = cfg.batch_size * cfg.max_seq_len
+    seq = cfg.max_seq_len
     parts = {
-        "dense + degraded weights": 2 * shape.weights_bytes,
-        "layer inputs and both outputs (all layers, one batch)":
-            3 * card.layers * tokens * card.hidden * item,
-        "forward working set": forward_working_bytes(card, tokens, item),
-        "logits of the dense forward": tokens * card.vocab * item,
+        "one decoder block of each model": 2 * shape.block_bytes,
+        f"hidden states of the {cfg.samples} samples (x max_seq_len x hidden)":
+            cfg.samples * seq * card.hidden * item,
+        "their causal masks and rotary tables": cfg.samples * seq * (seq + 2 * card.d_head * item),
+        "forward working set (batch x max_seq_len)": forward_working_bytes(
+            card, cfg.batch_size * seq, item),
     }
     dev = sum(parts.values())
     fits = dev <= hw.usable
-    notes = [] if fits else [f"needs {gpus_for(dev, hw.usable)} GPUs' memory, but both "
-                             "models run on one device"]
+    notes = [] if fits else [f"needs {gb(dev)} on one device: fewer sensitivity.samples"]
     if gpus < 1 and inp.device != "cpu":
         notes.append("set cluster.stages.sensitivity.gpus=1 (its task asks for no GPU)")
     return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev,
-                         host_bytes=shape.weights_bytes, disk_bytes=None, gpus_config=gpus,
+                         host_bytes=2 * shape.block_bytes + card.vocab * card.hidden * item,
+                         disk_bytes=None, gpus_config=gpus,
                          gpus_min=1 if fits else None, fits=fits, parts=parts,
                          notes=tuple(notes))
 

@@ -163,8 +163,8 @@ def _mask_function(config: Any) -> Any:
     return create_causal_mask
 
 
-def _prepare(weights: BlockWeights, batches: list[tuple[list[int], capture.Batch]],
-             device: torch.device) -> list[_BatchState]:
+def embed_batches(weights: BlockWeights, batches: list[tuple[list[int], capture.Batch]],
+                  device: torch.device) -> list[_BatchState]:
     """Embed every batch and build its mask and rotary tables, as the decoder's forward
     would (the embedding is a row lookup, done on the CPU)."""
     embed = weights.embedding()  # (V, hidden)
@@ -196,7 +196,7 @@ def capture_blockwise(weights: BlockWeights, seqs: Sequence[TokenSeq], *, batch_
     batches = [(index, capture.pad_batch([seqs[i] for i in index], pad_id=pad_id,
                                          padding_side=padding_side, position=position))
                for index in plan]
-    states = _prepare(weights, batches, device)
+    states = embed_batches(weights, batches, device)
     out: torch.Tensor | None = None
     last = weights.num_layers - 1
     for layer in range(weights.num_layers):

@@ -54,3 +54,26 @@ def test_normalisations_share_the_squared_error(models: tuple) -> None:
         upd_norm = float(((d[i] - x[i]).double() ** 2).sum(-1)[mask].sum())
         assert float(out[i]) * out_norm == pytest.approx(float(none[i]) * tokens, abs=1e-9)
         assert float(upd[i]) * upd_norm == pytest.approx(float(none[i]) * tokens, abs=1e-9)
+
+
+@pytest.mark.parametrize("normalize", ["output", "update", "none"])
+def test_block_by_block_gives_the_whole_model_errors(models: tuple, normalize: str,
+                                                     tmp_path) -> None:
+    """measure_layer_errors reads one block of each saved model at a time (the two models
+    never resident): the same errors as both whole models in memory, over uneven batches."""
+    from recoup.stages.model.layer_errors import measure_layer_errors
+    from recoup.stages.recovery.batching import Encoded
+
+    dense, degraded = models
+    tok = modelio.byte_tokenizer()
+    modelio.save_model(dense, tok, tmp_path / "dense")
+    modelio.save_model(degraded, tok, tmp_path / "degraded")
+    gen = torch.Generator().manual_seed(1)
+    samples = [Encoded(ids=tuple(torch.randint(3, 200, (n,), generator=gen).tolist()),
+                       prompt_len=2) for n in (9, 5, 7, 12, 3)]
+    whole = rank_layers(dense, degraded, [collate(samples[i:i + 2], 2) for i in (0, 2, 4)],
+                        normalize)  # type: ignore[arg-type]
+    blocks = measure_layer_errors(tmp_path / "dense", tmp_path / "degraded", "float32", "cpu",
+                                  samples, 2, 2, normalize)  # type: ignore[arg-type]
+    assert blocks.device.type == "cpu" and blocks.shape == (3,)
+    torch.testing.assert_close(blocks, whole.double(), rtol=1e-5, atol=1e-12)
