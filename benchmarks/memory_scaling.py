@@ -41,8 +41,8 @@ the code holds them: where the host figure names the same tensors as the device 
 (a model or block loaded on the host and moved to a "device" that is the host, a no-op),
 they are counted once: evaluate = device (one model + one batch), collect = device + host
 (its block is the weight file's mmap'ed pages, which the host figure leaves out),
-degrade = host + device less one block, sensitivity = device + host less its two blocks
-(the files' pages, in both), prepare = host, train = device + host
+degrade = host + device less one block, sensitivity = device (its host rows are the
+hidden states), prepare = host, train = device + host
 (rank 0's read buffer of one module beside its partition, gathered blocks and the
 prefetch's all-gather buffer). The plan leaves out the interpreter and its libraries, so
 the measured figure set against it is the peak less the RSS of an idle process of the
@@ -455,8 +455,8 @@ def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     """Device + host bytes of one worker, each tensor counted once (module docstring)."""
     dev, host = est.device_bytes or 0, est.host_bytes or 0
     overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes,
-               # its two blocks are the files' mmap'ed pages, in both figures
-               "sensitivity": 2 * shape.block_bytes}.get(stage, 0)
+               # its host rows are the hidden states the "device" (the CPU) keeps
+               "sensitivity": host}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 

@@ -75,7 +75,10 @@ def estimate_sensitivity(inp: EstimateInputs) -> StageEstimate:
     """Device: one decoder block of each model (:func:`measure_layer_errors` runs block by
     block), the samples' hidden states with their causal masks and rotary tables, kept
     between blocks, and one batch's forward working set in each block. Host: one block of
-    each model read from the files, and the embedding matrix."""
+    each model read from the files (page cache, shared by the node's processes, as
+    collect's; not counted), and the samples' embedded rows before they move to the device:
+    the embedding matrix is memory-mapped and only its looked-up rows are touched
+    (measured: ``benchmarks/memory_scaling.py``)."""
     cfg: SensitivityConfig = inp.config
     shape, hw = inp.shape, inp.hardware
     card, item = shape.card, shape.itemsize
@@ -88,6 +91,9 @@ def estimate_sensitivity(inp: EstimateInputs) -> StageEstimate:
         "their causal masks and rotary tables": cfg.samples * seq * (seq + 2 * card.d_head * item),
         "forward working set (batch x max_seq_len)": forward_working_bytes(
             card, cfg.batch_size * seq, item),
+        # both blocks' outputs, and d, g and d - g in float64 for the sums
+        "a batch's layer outputs and their float64 error terms":
+            cfg.batch_size * seq * card.hidden * (2 * item + 3 * 8),
     }
     dev = sum(parts.values())
     fits = dev <= hw.usable
@@ -95,7 +101,7 @@ def estimate_sensitivity(inp: EstimateInputs) -> StageEstimate:
     if gpus < 1 and inp.device != "cpu":
         notes.append("set cluster.stages.sensitivity.gpus=1 (its task asks for no GPU)")
     return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev,
-                         host_bytes=2 * shape.block_bytes + card.vocab * card.hidden * item,
+                         host_bytes=cfg.samples * seq * card.hidden * item,
                          disk_bytes=None, gpus_config=gpus,
                          gpus_min=1 if fits else None, fits=fits, parts=parts,
                          notes=tuple(notes))
