@@ -24,6 +24,7 @@ heat map with the chosen heads outlined.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,12 @@ from tqdm.auto import tqdm
 from recoup.cluster.tasks import map_layers
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.estimate import (
+    FP32,
     EstimateInputs,
     StageEstimate,
+    forward_working_bytes,
+    gb,
+    gpus_spread,
     layer_task_host_bytes,
     layer_tasks_estimate,
 )
@@ -57,7 +62,9 @@ from recoup.stages.lcc.selectors import (
     selector_names,
 )
 from recoup.stages.model import layout, lm_metrics, modelio
+from recoup.stages.model.block_capture import BlockWeights, check_same_architecture
 from recoup.stages.prepare import CARD, MODEL_DIR
+from recoup.stages.scoring.wikitext import free_memory
 from recoup.stages.svd import check_width, load_aligned, read_svd_layer
 from recoup.stages.text.datasources import AlpacaSourceConfig
 
@@ -228,34 +235,48 @@ class _Injector:
         return (x + self.add[:, None, :].to(x.dtype), *args[1:])
 
 
-def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows: torch.Tensor,
-                   *, batch_size: int, device: torch.device,
+def dense_log_probs(dense: Any, windows: torch.Tensor, *, batch_size: int) -> torch.Tensor:
+    """(W, T, V) float32 log-softmax of the dense model on ``windows`` (W, T), on the CPU:
+    the reference of every head's KL, computed before the degraded model is loaded, so the
+    two models are never resident together (a 70B pair would need 276 GB)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(modelio.input_device(dense))
+            out.append(torch.log_softmax(dense(batch).logits.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def kl_head_scores(ref_logp: torch.Tensor, degraded: Any, components: torch.Tensor,
+                   windows: torch.Tensor, *, batch_size: int,
                    progress: bool = False) -> tuple[torch.Tensor, float, int]:
     """Drop of mean token KL(dense || degraded) when one head's ``c`` is injected.
 
-    ``components`` is (n_layers, n_heads, d_head); ``windows`` (W, T) token ids. Returns
-    (scores (n_layers, n_heads) float64, the baseline KL, the sequences run). Score =
-    baseline KL - KL with ``c`` added to that head's slice of ``o_proj``'s input in that
-    layer at every token: positive when compensating the head brings the degraded model
-    closer to the dense one. A head whose ``c`` is exactly zero scores exactly 0 without
-    a forward. (head, window) pairs of one layer are batched ``batch_size`` at a time.
+    ``ref_logp`` (W, T, V) is the dense model's :func:`dense_log_probs` on ``windows``
+    (W, T) token ids; ``components`` is (n_layers, n_heads, d_head). Returns (scores
+    (n_layers, n_heads) float64, the baseline KL, the sequences run). Score = baseline KL -
+    KL with ``c`` added to that head's slice of ``o_proj``'s input in that layer at every
+    token: positive when compensating the head brings the degraded model closer to the
+    dense one. A head whose ``c`` is exactly zero scores exactly 0 without a forward.
+    (head, window) pairs of one layer are batched ``batch_size`` at a time. The degraded
+    model may be spread over GPUs: inputs go to its embedding's device, each injection to
+    its ``o_proj``'s.
     """
     n_layers, n_heads, d_head = components.shape
     n_win, seq_len = windows.shape
     layers = layout.decoder_layers(degraded)
     if len(layers) != n_layers:
         raise ValueError(f"components cover {n_layers} layers, the model has {len(layers)}")
+    device = modelio.input_device(degraded)
     tokens = n_win * seq_len
-    ref: list[torch.Tensor] = []
     base = 0.0
     with torch.inference_mode():
         for start in range(0, n_win, batch_size):
-            batch = windows[start:start + batch_size].to(device)  # (B, T)
-            logp = torch.log_softmax(dense(batch).logits.float(), dim=-1)  # (B, T, V)
-            ref.append(logp)
-            base += float(lm_metrics.token_kl(logp, degraded(batch).logits).double().sum())
-    ref_logp = torch.cat(ref)  # (W, T, V); log_softmax of log-probs is itself, so token_kl
-    base /= tokens             # takes them as the teacher's logits
+            logits = degraded(windows[start:start + batch_size].to(device)).logits  # (B, T, V)
+            ref = ref_logp[start:start + batch_size].to(logits.device)
+            # log_softmax of log-probs is itself, so token_kl takes them as teacher logits
+            base += float(lm_metrics.token_kl(ref, logits).double().sum())
+    base /= tokens
     scores = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     injector = _Injector()
     sequences = 0
@@ -268,7 +289,8 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
             continue
         pairs = [(h, w) for h in heads for w in range(n_win)]
         kl_sum = torch.zeros(n_heads, dtype=torch.float64)
-        handle = layout.o_proj_of(layers[layer]).register_forward_pre_hook(injector)
+        o_proj = layout.o_proj_of(layers[layer])
+        handle = o_proj.register_forward_pre_hook(injector)
         try:
             with torch.inference_mode():
                 for start in range(0, len(pairs), batch_size):
@@ -277,9 +299,10 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
                     win_idx = torch.tensor([w for _, w in chunk])
                     add = torch.zeros(len(chunk), n_heads, d_head, dtype=torch.float32)
                     add[torch.arange(len(chunk)), head_idx] = components[layer, head_idx].float()
-                    injector.add = add.reshape(len(chunk), n_heads * d_head).to(device)
+                    injector.add = add.reshape(len(chunk), n_heads * d_head).to(
+                        o_proj.weight.device)
                     logits = degraded(windows[win_idx].to(device)).logits  # (B, T, V)
-                    kl = lm_metrics.token_kl(ref_logp[win_idx.to(ref_logp.device)], logits)
+                    kl = lm_metrics.token_kl(ref_logp[win_idx].to(logits.device), logits)
                     kl_sum.index_add_(0, head_idx, kl.double().sum(dim=1).cpu())
                     sequences += len(chunk)
         finally:
@@ -294,22 +317,25 @@ def kl_head_scores(dense: Any, degraded: Any, components: torch.Tensor, windows:
 
 def _kl_scores(ctx: StageContext, cfg: SelectConfig, card: modelio.ModelCard,
                components: torch.Tensor) -> tuple[HeadScores, Metrics]:
-    device = torch.device(ctx.device)
     dtype = modelio.DTYPES[card.dtype]
     dense_dir = ctx.input("prepare") / MODEL_DIR
+    degraded_dir = ctx.input("degrade") / MODEL_DIR
+    check_same_architecture(BlockWeights(dense_dir, dtype), BlockWeights(degraded_dir, dtype))
     tokenizer = modelio.load_tokenizer(dense_dir)
     windows = calibration_ids(cfg.kl.calibration, tokenizer, ctx.data_dir,
                               max_positions=card.max_positions,
                               synthesized=ctx.inputs.get("synthesize"),
                               field="select.kl.calibration")  # (W, T)
-    dense = modelio.load_model(dense_dir, dtype, str(device))
-    degraded = modelio.load_model(ctx.input("degrade") / MODEL_DIR, dtype, str(device))
-    modelio.check_same_architecture(dense, degraded, "select (kl): the degraded model")
     t0 = time.perf_counter()
-    scores, base, sequences = kl_head_scores(
-        dense, degraded, components, windows, batch_size=cfg.kl.batch_size, device=device,
-        progress=ctx.progress,
-    )
+    # one model resident at a time, each spread over the task's GPUs if larger than one
+    dense = modelio.load_model_spread(dense_dir, dtype, ctx.device)
+    ref = dense_log_probs(dense, windows, batch_size=cfg.kl.batch_size)  # (W, T, V)
+    del dense
+    free_memory()
+    degraded = modelio.load_model_spread(degraded_dir, dtype, ctx.device)
+    scores, base, sequences = kl_head_scores(ref, degraded, components, windows,
+                                             batch_size=cfg.kl.batch_size,
+                                             progress=ctx.progress)
     info = {"kl_base": base, "kl_sequences": sequences, "kl_seconds": time.perf_counter() - t0,
             "kl_windows": int(windows.shape[0]), "kl_seq_len": int(windows.shape[1])}
     return HeadScores(scores), info
@@ -327,14 +353,39 @@ def _summary(m: Metrics) -> str:
 
 
 def estimate_select(inp: EstimateInputs) -> StageEstimate:
-    """One CPU task per layer holding that layer's views (the probe fits are small)."""
+    """One CPU task per layer holding that layer's views (the probe fits are small). The
+    ``kl`` selector then runs in the stage's task: one model on the device at a time (the
+    dense one for its log-probs, then the degraded one), spread over the task's GPUs when
+    larger than one, with a batch's logits; the dense log-probs of every window on the
+    host."""
     cfg: SelectConfig = inp.config
     n = inp.sections["data"].source.num_samples
     host = (None if n is None
             else layer_task_host_bytes(inp.shape.card, n, len(activations.VIEWS)))
-    notes = (("the kl selector runs the degraded model: not estimated here",)
-             if cfg.selector.method == "kl" else ())
-    return layer_tasks_estimate(inp, host_bytes=host, disk_bytes=None, notes=notes)
+    tasks = layer_tasks_estimate(inp, host_bytes=host, disk_bytes=None)
+    if cfg.selector.method != KL_METHOD:
+        return tasks
+    shape, hw, card = inp.shape, inp.hardware, inp.shape.card
+    cal, batch = cfg.kl.calibration, cfg.kl.batch_size
+    parts = {"one model (dense, then degraded)": shape.weights_bytes,
+             "forward working set": forward_working_bytes(card, batch * cal.seq_len,
+                                                          shape.itemsize),
+             # logits, their float32 log-softmax, the dense rows read back
+             "logits of a batch and the KL": batch * cal.seq_len * card.vocab * (
+                 shape.itemsize + 2 * FP32)}
+    dev = sum(parts.values())
+    need = gpus_spread(shape.weights_bytes, dev - shape.weights_bytes, shape.block_bytes,
+                       hw.usable)
+    _, gpus = inp.task_resources
+    notes = [f"kl: {cal.num_samples} windows x {cal.seq_len} tokens; the dense log-probs "
+             f"({gb(cal.num_samples * cal.seq_len * card.vocab * FP32)}) on the host"]
+    fits = need is not None and (gpus >= need or inp.device == "cpu")
+    if need is not None and gpus < need and inp.device != "cpu":
+        notes.append(f"set cluster.stages.select.gpus={need} (its task asks for {gpus:g})")
+    return dataclasses.replace(
+        tasks, device_bytes=dev, gpus_config=gpus, gpus_min=need, fits=fits, parts=parts,
+        host_bytes=max(host or 0, cal.num_samples * cal.seq_len * card.vocab * FP32),
+        notes=(*tasks.notes, *notes))
 
 
 @register_stage(name="select", version=1, requires=("prepare", "degrade", "collect", "svd"),

@@ -13,7 +13,7 @@ from recoup.cluster.tasks import map_layers, task_threads
 from recoup.stages.document.heatmap import plot_head_scores
 from recoup.stages.lcc.directions import svd_directions
 from recoup.stages.model import lm_metrics, modelio
-from recoup.stages.select import kl_head_scores
+from recoup.stages.select import dense_log_probs, kl_head_scores
 from recoup.stages.svd import layer_svd
 
 INPROCESS = ClusterConfig(mode="inprocess")
@@ -92,9 +92,8 @@ def test_kl_head_scores_match_one_head_at_a_time() -> None:
     comps = torch.randn(tiny.layers, tiny.heads, d_head, generator=g, dtype=torch.float64)
     comps[0, 1] = 0.0  # no lost component: scores exactly 0, no forward
     ids = torch.randint(3, 200, (3, 12), generator=g)  # (W, T)
-    cpu = torch.device("cpu")
-    scores, base, sequences = kl_head_scores(dense, degraded, comps, ids, batch_size=5,
-                                             device=cpu)
+    ref = dense_log_probs(dense, ids, batch_size=2)  # (W, T, V): dense, then released
+    scores, base, sequences = kl_head_scores(ref, degraded, comps, ids, batch_size=5)
     assert sequences == (tiny.layers * tiny.heads - 1) * 3
     assert scores[0, 1] == 0.0
     with torch.inference_mode():
@@ -103,7 +102,7 @@ def test_kl_head_scores_match_one_head_at_a_time() -> None:
     for layer, h in [(0, 0), (1, 3)]:  # one head per layer, both ends of a batch
         want = _direct_kl_drop(dense, degraded, layer, h, comps[layer, h], ids)
         assert float(scores[layer, h]) == pytest.approx(want, rel=1e-3, abs=1e-6)
-    again, _, _ = kl_head_scores(dense, degraded, comps, ids, batch_size=2, device=cpu)
+    again, _, _ = kl_head_scores(ref, degraded, comps, ids, batch_size=2)
     torch.testing.assert_close(again, scores, rtol=1e-4, atol=1e-7)
 
 

@@ -269,3 +269,16 @@ def test_synthesize_in_bfloat16_plans_the_weights_at_two_bytes() -> None:
     assert own.parts["dense weights"] == shape.params * 4
     assert bf16.parts["dense weights"] == shape.params * 2 == bf16.host_bytes
     assert bf16.device_bytes < own.device_bytes
+
+
+def test_the_kl_selector_holds_one_model_at_a_time_spread_over_the_task_gpus() -> None:
+    """select's kl runs the dense model for its log-probs, then the degraded one: one 70B
+    model (138 GB) on the device, which two 80 GB GPUs hold and one does not."""
+    one = _plan(cfg_of("llama-70b", "select.selector.method=kl"))["select"]
+    shape = builtin_shape("Llama-2-70b-hf", "bfloat16")
+    assert shape.weights_bytes < one.device_bytes < shape.weights_bytes + 2 * GB
+    assert one.gpus_min == 2 and not one.fits
+    assert "cluster.stages.select.gpus=2" in " ".join(one.notes)
+    two = _plan(cfg_of("llama-70b", "select.selector.method=kl", "cluster.stages.select.gpus=2"))
+    assert two["select"].fits and two["select"].gpus_config == 2
+    assert _plan(cfg_of("llama-70b"))["select"].device_bytes is None  # probe: CPU tasks only
