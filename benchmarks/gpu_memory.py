@@ -45,7 +45,6 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-# the stage processes inherit this: DeepSpeed picks its accelerator once, at import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import memory_scaling as ms  # noqa: E402  (the model, the config and the plan's figures)
@@ -78,8 +77,8 @@ def stage_main(cfg: str, peaks: str) -> int:
 
 
 class DeviceMonitor(threading.Thread):
-    """The GPU's used memory (NVML, device 0) polled until stopped; ``peak`` is the largest
-    reading. Inert where NVML cannot be loaded."""
+    """The GPU's used memory (NVML, the first visible GPU) polled until stopped; ``peak``
+    is the largest reading. Inert where NVML cannot be loaded."""
 
     def __init__(self, interval: float):
         super().__init__(daemon=True)
@@ -89,7 +88,9 @@ class DeviceMonitor(threading.Thread):
             import pynvml
 
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            # the GPU the stage processes use: the first visible one
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(first or 0))
             self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
             self.first = self._read()
         except Exception:  # no NVML library or no GPU: nothing to read
@@ -244,6 +245,7 @@ def main() -> None:
     if args.stage_run:
         sys.exit(stage_main(args.stage_run, args.peaks))
     gpu = args.device.startswith("cuda")
+    # DeepSpeed picks its accelerator once, at import: each stage process is told which
     env = {**os.environ, "DS_ACCELERATOR": "cuda" if gpu else "cpu",
            "RECOUP_DATA_DIR": str(args.data_dir)}
     t_start = time.perf_counter()

@@ -16,7 +16,12 @@ class StageResources(StrictModel):
     cluster-wide ``stage_cpus`` / ``stage_gpus``."""
 
     cpus: float | None = Field(None, gt=0, description="CPUs of the stage's task.")
-    gpus: float | None = Field(None, ge=0, description="GPUs of the stage's task.")
+    gpus: float | None = Field(
+        None, ge=0,
+        description="GPUs of the stage's task; for train and evaluate, which hold none in "
+        "their own task, the GPUs of each of their device tasks (train's closed-form fit, "
+        "evaluate's model tasks). collect and synthesize ignore it: their workers' GPUs are "
+        "num_gpus_per_worker.")
 
 
 class ClusterConfig(StrictModel):
@@ -52,10 +57,11 @@ class ClusterConfig(StrictModel):
     )
     stages: dict[str, StageResources] = Field(
         {},
-        description="Per-stage overrides of stage_cpus / stage_gpus for the stage's own task, "
-        "e.g. {prepare: {gpus: 0}, degrade: {gpus: 1}}. Pool and group stages size their "
-        "workers in their own section (collect.num_gpus_per_worker, train.engine.workers, "
-        "svd.cpus_per_task, select.cpus_per_task).",
+        description="Per-stage overrides of stage_cpus / stage_gpus, e.g. {prepare: {gpus: "
+        "0}, evaluate: {gpus: 3}}: for the stage's own task, or for train and evaluate their "
+        "device tasks. Pool and group stages size their workers in their own section "
+        "(collect.num_gpus_per_worker, train.engine.workers, svd.cpus_per_task, "
+        "select.cpus_per_task).",
     )
     dashboard: bool = Field(
         False, description="Start Ray's dashboard (on 127.0.0.1) with the embedded local Ray."

@@ -26,6 +26,7 @@ from recoup.cluster.progress import (
     ProgressBoard,
     attached,
 )
+from recoup.cluster.tasks import gpu_task
 from recoup.orchestrator.stage import Metrics, Resources, StageContext, StageSpec, run_stage_fn
 
 log = logging.getLogger("recoup.cluster")
@@ -172,7 +173,7 @@ class RayExecutor:
     def execute(self, spec: StageSpec, ctx: StageContext, resources: Resources) -> Metrics:
         num_cpus = min(resources.num_cpus, self._cpu_cap)
         check_placement([{"CPU": num_cpus, "GPU": resources.num_gpus}], f"stage {spec.name!r}")
-        task: Any = ray.remote(_run_stage).options(
+        task: Any = gpu_task(ray.remote, _run_stage, resources.num_gpus).options(
             num_cpus=num_cpus, num_gpus=resources.num_gpus, max_retries=0,
             name=f"recoup:{spec.name}",
         )

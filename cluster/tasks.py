@@ -69,6 +69,15 @@ def _call_attached(fn: Callable[..., T], args: tuple[Any, ...], threads: int,
         return _call_with_threads(fn, args, threads)
 
 
+def gpu_task(remote: Callable[..., Any], fn: Callable[..., Any], num_gpus: float) -> Any:
+    """``ray.remote(fn)``, in a worker process of its own when it holds GPUs: Ray reuses a
+    task's worker for the next task, and a worker that touched CUDA keeps the context and
+    the devices it saw first, whatever GPUs Ray assigns the next task (Ray itself makes
+    only functions declared with ``num_gpus`` single-use, not those given it through
+    ``.options``)."""
+    return remote(max_calls=1)(fn) if num_gpus else remote(fn)
+
+
 def _serial(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], threads: int,
             bar: Any) -> list[T]:
     out: list[T] = []
@@ -111,9 +120,11 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
     from recoup.cluster.runtime import check_placement
 
     with ray_session(cluster_cfg):
-        if num_gpus:  # a task no node can hold would wait forever
-            check_placement([{"CPU": num_cpus, "GPU": num_gpus}], f"a {name!r} task")
-        remote: Any = ray.remote(_call_attached).options(
+        # as the stage tasks are: no more CPUs than the cluster has (a task no node can
+        # hold waits forever), and a warning where GPUs do not fit the nodes alive now
+        num_cpus = min(num_cpus, ray.cluster_resources().get("CPU", num_cpus))
+        check_placement([{"CPU": num_cpus, "GPU": num_gpus}], f"a {name!r} task")
+        remote: Any = gpu_task(ray.remote, _call_attached, num_gpus).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0, name=name
         )
         limit = len(items) if max_parallel is None else max_parallel
@@ -138,6 +149,19 @@ def _on_ray(fn: Callable[..., T], items: Sequence[tuple[Any, ...]], cluster_cfg:
                     raise (e.cause if e.cause is not None else e) from None
                 bar.update(1)
         return [results[i] for i in range(len(items))]
+
+
+def device_task_resources(cluster_cfg: ClusterConfig, stage: str,
+                          device: str) -> tuple[float, float]:
+    """(CPUs, GPUs) of each device task of ``stage`` (train's closed-form fit, evaluate's
+    model tasks): the stage's configured resources (``cluster.stages.<stage>``, else
+    ``stage_cpus`` / ``stage_gpus``). Warns when a GPU run on Ray gives them no GPU: such a
+    task sees every GPU of its node, and none on a CPU node."""
+    cpus, gpus = cluster_cfg.resources_for(stage)
+    if cluster_cfg.mode == "ray" and not gpus and device.startswith("cuda"):
+        log.warning("run.device is %s but %s's device tasks ask Ray for no GPU: set "
+                    "cluster.stage_gpus (or cluster.stages.%s.gpus)", device, stage, stage)
+    return cpus, gpus
 
 
 def run_task(fn: Callable[[], T], cluster_cfg: ClusterConfig, *, num_cpus: float,

@@ -43,6 +43,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,7 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], model_dtype: str, 
                    ctx.progress, ZEROSHOT_BAR) for jobs in per_shard if jobs]
     if items:
         from recoup.cluster import progress
-        from recoup.cluster.tasks import map_layers
+        from recoup.cluster.tasks import device_task_resources, map_layers
 
         if ctx.progress:  # one bar of documents, fed by every shard task
             docs = sum(len(job.indices) for item in items for job in item[4])
@@ -212,7 +213,8 @@ def run_zeroshot(ctx: StageContext, refs: Sequence[ModelRef], model_dtype: str, 
                      ", ".join(r.name for r in refs if counts[r.name]["computed"]))
         map_layers(zeroshot_shard, items, ctx.cluster,
                    num_cpus_per_task=cfg.cpus_per_shard,
-                   num_gpus_per_task=ctx.cluster.resources_for("evaluate")[1],
+                   num_gpus_per_task=device_task_resources(ctx.cluster, "evaluate",
+                                                           ctx.device)[1],
                    max_parallel=cfg.workers, desc="zero-shot", progress=False)
         progress.close_shared(ZEROSHOT_BAR)
     results: dict[str, dict[str, Any]] = {}
@@ -250,19 +252,18 @@ def run_wikitext(ctx: StageContext, refs: Sequence[ModelRef], card: modelio.Mode
         text = lm_metrics.read_wikitext(wikitext)
         ids = torch.tensor(modelio.load_tokenizer(dense_ref.folder)(text)["input_ids"])
         wins = window_range(ids, cfg.seq_len, cfg.window_start, cfg.max_windows)  # (W, seq_len)
-        from recoup.cluster.tasks import map_layers
+        from recoup.cluster.tasks import device_task_resources, run_task
 
         reserve = sum(working_parts(card, batch_size=cfg.batch_size,
                                     seq_len=cfg.seq_len).values())
-        # one task holding one model's GPUs (under Ray; in this process otherwise), the
-        # same GPUs as each zero-shot shard: this stage's own task holds none
-        cpus, gpus = ctx.cluster.resources_for("evaluate")
-        map_layers(score_models_task, [(
-            {r.name: r.folder for r in refs}, [r.name for r in todo], "dense", card.dtype,
-            ctx.device, wins, cfg.batch_size, ctx.out_dir / DENSE_LOGPROBS,
-            {r.name: paths[r.name] for r in todo}, reserve, ctx.progress)],
-            ctx.cluster, num_cpus_per_task=cpus, num_gpus_per_task=gpus, desc="perplexity",
-            progress=False)
+        # one task holding one model's GPUs (under Ray; a plain call in-process), the same
+        # GPUs as each zero-shot shard: this stage's own task holds none
+        cpus, gpus = device_task_resources(ctx.cluster, "evaluate", ctx.device)
+        run_task(partial(
+            score_models_task, {r.name: r.folder for r in refs}, [r.name for r in todo],
+            "dense", card.dtype, ctx.device, wins, cfg.batch_size, ctx.out_dir / DENSE_LOGPROBS,
+            {r.name: paths[r.name] for r in todo}, reserve, ctx.progress),
+            ctx.cluster, num_cpus=cpus, num_gpus=gpus, desc="perplexity")
         cached = {r.name: read_checked(paths[r.name]) for r in refs}
         missing = [n for n, c in cached.items() if c is None]
         if missing:

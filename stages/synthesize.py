@@ -186,11 +186,19 @@ class SynthesizeWorker:
 
     def __init__(self, job: SynthesizeJob) -> None:
         self.job = job
-        # a worker given several GPUs (a model larger than one) spreads the model over them;
-        # its inputs then go to the first, where the embeddings are
-        self.model = modelio.load_model_spread(
-            job.model_dir, modelio.DTYPES[generation_dtype(job.config, job.model_dtype)],
-            worker_device(job.config.num_gpus_per_worker, job.device))
+        # a worker given several GPUs (a model larger than one) spreads the model over them,
+        # each keeping room for a batch's generation; its inputs go to the first, where the
+        # embeddings are
+        dtype = generation_dtype(job.config, job.model_dtype)
+        device = worker_device(job.config.num_gpus_per_worker, job.device)
+        reserve = 0
+        if torch.device(device).type == "cuda":
+            from transformers import AutoConfig
+
+            card = modelio.card_from_config(AutoConfig.from_pretrained(job.model_dir), dtype, 0)
+            reserve = sum(generation_working_parts(card, job.config, ITEMSIZE[dtype]).values())
+        self.model = modelio.load_model_spread(job.model_dir, modelio.DTYPES[dtype], device,
+                                               reserve_bytes=reserve)
         self.device = modelio.input_device(self.model)
         self.tokenizer = modelio.load_tokenizer(job.model_dir)
         cfg = job.config
@@ -342,22 +350,29 @@ def _summary(m: Metrics) -> str:
             f"{m['too_short']} too short dropped), {m['samples_per_s']:.2f} samples/s")
 
 
-def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
-    """Per worker: the dense model resident, the KV cache of a batch of sequences at their
-    longest, one decoding step's working set and the float32 logits sampling reads."""
-    cfg: SynthesizeConfig = inp.config
-    shape, hw = inp.shape, inp.hardware
-    card = shape.card
-    item = ITEMSIZE[generation_dtype(cfg, card.dtype)]
+def generation_working_parts(card: modelio.ModelCard, cfg: SynthesizeConfig,
+                             item: int) -> dict[str, int]:
+    """Device bytes of generating a batch beside the weights: the KV cache of a batch of
+    sequences at their longest, one decoding step's working set and the float32 logits
+    sampling reads."""
     longest = 1 + cfg.length + (cfg.prompt_length if cfg.mode == "chat" else 0)
-    parts = {
-        "dense weights": shape.params * item,
+    return {
         "KV cache (batch x longest sequence)":
             2 * card.layers * cfg.batch_size * longest * card.kv_heads * card.d_head * item,
         "one decoding step's working set": forward_working_bytes(card, cfg.batch_size, item),
         "logits of a step (and float32 for sampling)": cfg.batch_size * card.vocab * (
             item + FP32),
     }
+
+
+def estimate_synthesize(inp: EstimateInputs) -> StageEstimate:
+    """Per worker: the dense model resident, the KV cache of a batch of sequences at their
+    longest, one decoding step's working set and the float32 logits sampling reads."""
+    cfg: SynthesizeConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    item = ITEMSIZE[generation_dtype(cfg, shape.card.dtype)]
+    parts = {"dense weights": shape.params * item,
+             **generation_working_parts(shape.card, cfg, item)}
     dev = sum(parts.values())
     need = gpus_for(dev, hw.usable)
     notes = [f"{cfg.workers} workers, each loading the dense model once"]

@@ -49,7 +49,7 @@ from pydantic import Field, field_validator
 
 from recoup.cluster import capacity
 from recoup.cluster.engine import EngineConfig, use_bf16, use_checkpointing
-from recoup.cluster.tasks import run_task
+from recoup.cluster.tasks import device_task_resources, run_task
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
@@ -230,7 +230,7 @@ def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, An
     cf = cfg.closed_form
     # one task on the GPUs of the stage (its own task holds none: Ray Train's workers need
     # them next), a plain call in-process
-    cpus, gpus = ctx.cluster.resources_for("train")
+    cpus, gpus = device_task_resources(ctx.cluster, "train", ctx.device)
     fit: Starts = run_task(partial(
         fit_starts,
         dense_dir=job["dense_dir"], degraded_dir=job["degraded_dir"], dtype=card.dtype,
@@ -265,7 +265,7 @@ def auto_lora_layers(ctx: StageContext, encoded: list[Encoded], pad: int,
         errors = torch.tensor(read_sensitivity(ctx.input("sensitivity"))["errors"])
         source = "sensitivity"
     else:
-        cpus, gpus = ctx.cluster.resources_for("train")
+        cpus, gpus = device_task_resources(ctx.cluster, "train", ctx.device)
         errors = run_task(partial(
             measure_layer_errors, ctx.input("prepare") / MODEL_DIR,
             ctx.input("degrade") / MODEL_DIR, card.dtype, ctx.device,

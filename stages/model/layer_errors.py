@@ -23,7 +23,7 @@ from torch import Tensor
 from recoup.stages.model import capture, modelio
 from recoup.stages.model.block_capture import BlockWeights, check_same_architecture, embed_batches
 from recoup.stages.recovery.batching import Encoded, collate
-from recoup.stages.recovery.layer_ranking import Normalize, layer_error_terms
+from recoup.stages.recovery.layer_ranking import Normalize, layer_output, normalized_error_terms
 
 
 def _batch(samples: Sequence[Encoded], pad_id: int) -> capture.Batch:
@@ -60,22 +60,13 @@ def measure_layer_errors(dense_dir: Path, degraded_dir: Path, dtype: str, device
                 kw = {"attention_mask": state.mask, "position_ids": state.position_ids,
                       "position_embeddings": state.rotary, "use_cache": False}
                 x = state.hidden  # (B, T, hidden): the dense model's input to this layer
-                d, g = _hidden(d_block(x, **kw)), _hidden(g_block(x, **kw))
-                mask = batch.attention_mask.to(dev)  # (B, T)
-                n, m = layer_error_terms([d], [g], mask)
-                if normalize == "update":  # the layer's own contribution
-                    _, m = layer_error_terms([d - x], [d], mask)
-                elif normalize == "none":
-                    m = torch.full_like(m, float(mask.sum()))
+                d, g = layer_output(d_block(x, **kw)), layer_output(g_block(x, **kw))
+                n, m = normalized_error_terms([x], [d], [g], batch.attention_mask.to(dev),
+                                              normalize)
                 num[layer] += n[0].cpu()
                 den[layer] += m[0].cpu()
                 state.hidden = d
     return num / den.clamp_min(torch.finfo(torch.float64).tiny)
-
-
-def _hidden(out: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """A decoder layer's hidden states, whether it returns them alone or in a tuple."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 def ranking(errors: Sequence[float]) -> list[int]:

@@ -52,7 +52,8 @@ def top_layers(errors: Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def _layer_of(output: Any) -> Tensor:
+def layer_output(output: Any) -> Tensor:
+    """A decoder layer's hidden states, whether it returns them alone or in a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -72,7 +73,7 @@ def local_layer_io(dense: nn.Module, degraded: nn.Module, batch: Mapping[str, Te
     for layer in layout.decoder_layers(dense):
         def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             inputs.append(args[0] if args else kwargs["hidden_states"])
-            dense_out.append(_layer_of(out))
+            dense_out.append(layer_output(out))
         handles.append(layer.register_forward_hook(grab, with_kwargs=True))
     try:
         dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -88,7 +89,7 @@ def local_layer_io(dense: nn.Module, degraded: nn.Module, batch: Mapping[str, Te
             return args, {**kwargs, "hidden_states": inputs[i]}
 
         def keep(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
-            deg_out.append(_layer_of(out))
+            deg_out.append(layer_output(out))
         handles.append(layer.register_forward_pre_hook(swap, with_kwargs=True))
         handles.append(layer.register_forward_hook(keep))
     try:
@@ -111,6 +112,22 @@ def local_layer_outputs(dense: nn.Module, degraded: nn.Module, batch: Mapping[st
 Normalize = Literal["output", "update", "none"]
 
 
+def normalized_error_terms(inputs: Sequence[Tensor], dense_out: Sequence[Tensor],
+                           degraded_out: Sequence[Tensor], mask: Tensor,
+                           normalize: Normalize) -> tuple[Tensor, Tensor]:
+    """Per layer, on one batch, the sums whose ratio :func:`rank_layers` reports: (sum
+    ||d - g||^2, what ``normalize`` divides it by), two (n_layers,) float64. Layer ``i``'s
+    dense input is ``inputs[i]``, its outputs ``dense_out[i]`` and ``degraded_out[i]``
+    (B, T, hidden); ``mask`` (B, T) keeps real tokens."""
+    num, den = layer_error_terms(dense_out, degraded_out, mask)
+    if normalize == "update":  # the layer's own contribution
+        _, den = layer_error_terms([d - x for d, x in zip(dense_out, inputs, strict=True)],
+                                   dense_out, mask)
+    elif normalize == "none":
+        den = torch.full_like(den, float(mask.sum()))
+    return num, den
+
+
 def rank_layers(dense: nn.Module, degraded: nn.Module, batches: Sequence[Mapping[str, Tensor]],
                 normalize: Normalize = "output") -> Tensor:
     """(n_layers,) output errors over all ``batches`` (sums pooled, then divided).
@@ -123,14 +140,7 @@ def rank_layers(dense: nn.Module, degraded: nn.Module, batches: Sequence[Mapping
     num = den = None
     for batch in batches:
         x, d, g = local_layer_io(dense, degraded, batch)
-        mask = batch["attention_mask"]
-        if normalize == "update":
-            n, _ = layer_error_terms(d, g, mask)
-            _, m = layer_error_terms([a - b for a, b in zip(d, x, strict=True)], d, mask)
-        else:
-            n, m = layer_error_terms(d, g, mask)
-            if normalize == "none":
-                m = torch.full_like(m, float(mask.sum()))
+        n, m = normalized_error_terms(x, d, g, batch["attention_mask"], normalize)
         num = n if num is None else num + n
         den = m if den is None else den + m
     if num is None or den is None:

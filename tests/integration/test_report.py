@@ -389,8 +389,8 @@ def test_on_a_one_gpu_cluster_evaluate_gives_its_gpu_to_each_model_task(
     assert "out" in done, "evaluate did not finish: its tasks never got the GPU"
     assert done["out"].ran == ["prepare", "degrade", "evaluate"]
     log = (tmp_path / "logs" / "evaluate.log").read_text()
-    assert "score_models_task: on GPU 0" in log
-    assert log.count("zeroshot_shard: on GPU 0") == 4  # 2 shards x 2 models, each on the GPU
+    assert "score_models_task: on GPU " in log
+    assert log.count("zeroshot_shard: on GPU ") == 4  # 2 shards x 2 models, each on the GPU
 
 
 def test_run_task_runs_on_the_gpus_it_asks_for(one_gpu_ray: Any) -> None:
@@ -402,10 +402,13 @@ def test_run_task_runs_on_the_gpus_it_asks_for(one_gpu_ray: Any) -> None:
     from recoup.cluster.config import ClusterConfig
     from recoup.cluster.tasks import run_task
 
-    visible = functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES", "unset")  # read there
+    gpus = functools.partial(one_gpu_ray.get_gpu_ids)  # read in the task's process
+    visible = functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES", "unset")
     on_ray = ClusterConfig(mode="ray")
-    assert run_task(visible, on_ray, num_cpus=1, num_gpus=1, desc="t") == "0"
-    assert run_task(visible, on_ray, num_cpus=1, num_gpus=0, desc="t") == "unset"
+    assigned = run_task(gpus, on_ray, num_cpus=1, num_gpus=1, desc="t")
+    assert len(assigned) == 1
+    assert run_task(visible, on_ray, num_cpus=1, num_gpus=1, desc="t") == str(assigned[0])
+    assert run_task(gpus, on_ray, num_cpus=1, num_gpus=0, desc="t") == []
     here = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     assert run_task(visible, ClusterConfig(mode="inprocess"), num_cpus=1, num_gpus=1,
                     desc="t") == here

@@ -73,11 +73,34 @@ def test_a_deepspeed_loaded_for_another_device_is_refused_by_name(monkeypatch) -
     import deepspeed  # noqa: F401  (loaded here for the CPU, as the CPU tests load it)
     from deepspeed.accelerator import get_accelerator
 
-    from recoup.cluster.train import _set_accelerator, _worker_device
+    from recoup.cluster.train import _set_accelerator
 
-    assert get_accelerator().device_name() == "cpu"
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed was loaded for another device earlier in this process")
     _set_accelerator("cpu")  # the device it was loaded for: fine
     with pytest.raises(RuntimeError, match="DS_ACCELERATOR=cuda"):
         _set_accelerator("cuda")
     assert os.environ["DS_ACCELERATOR"] == "cpu"  # left as it was: deepspeed was loaded
-    assert _worker_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize(("device", "env", "want"), [
+    ("cuda", {"LOCAL_RANK": "3", "WORLD_SIZE": "8"}, "cuda:3"),  # Ray Train / torchrun
+    ("cuda:1", {"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "cuda:1"),  # in-process, cuda:N
+    ("cuda:1", {"LOCAL_RANK": "2", "WORLD_SIZE": "4"}, "cuda:2"),  # workers: the local rank
+    ("cpu", {"LOCAL_RANK": "2", "WORLD_SIZE": "4"}, "cpu"),
+])
+def test_a_worker_takes_and_sets_its_gpu(monkeypatch, device: str, env: dict[str, str],
+                                          want: str) -> None:
+    """The device a training worker runs on, made current for DeepSpeed (CUDA's own
+    ``set_device`` recorded here: no GPU needed)."""
+    import torch
+
+    from recoup.cluster.train import _worker_device
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    current: list[object] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    got = _worker_device(device)
+    assert str(got) == want
+    assert current == ([got] if want != "cpu" else [])
