@@ -217,14 +217,19 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
     return TrainJob(**job), facts
 
 
+def fits_wanted(method: RecoveryMethod, cfg: TrainConfig) -> tuple[bool, bool]:
+    """(closed-form lcc fit, EoRA fit): what the method runs before training, or instead."""
+    return (method.uses_lcc and (method.training_free or cfg.lcc.init == "closed_form"),
+            method.uses_lora and (method.training_free or cfg.lora.init == "eora"))
+
+
 def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, Any],
                     encoded: list[Encoded], card: modelio.ModelCard) -> dict[str, Any]:
     """Run the training-free fits the method needs (itself, or as an init) and put them in
     ``job``: the closed-form components as ``lost`` (where the compensation starts), the
     EoRA factors as ``lora_init`` (peft's layout and scaling). Returns the facts."""
     cfg: TrainConfig = ctx.config
-    lcc_fit = method.uses_lcc and (method.training_free or cfg.lcc.init == "closed_form")
-    eora_fit = method.uses_lora and (method.training_free or cfg.lora.init == "eora")
+    lcc_fit, eora_fit = fits_wanted(method, cfg)
     if not (lcc_fit or eora_fit):
         return {}
     cf = cfg.closed_form
@@ -424,6 +429,10 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
     host, what = train_host_bytes(shape, cfg, w, heads=heads)
     notes.append(f"host: {host / GB:.1f} GB per worker ({what}); {hw.gpus_per_node} workers "
                  f"per node: {hw.gpus_per_node * host / GB:.0f} GB per node")
+    if any(fits_wanted(get_method(cfg.method), cfg)):  # inits.fit_starts loads both whole
+        notes.append(f"the training-free fit before training holds the dense and the "
+                     f"degraded model on the host of one task: {2 * shape.weights_bytes / GB:.1f}"
+                     " GB, one block at a time on its GPU")
     return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev, host_bytes=host,
                          disk_bytes=disk, gpus_config=w if inp.on_gpu else 0, gpus_min=least,
                          fits=fits, parts=parts, notes=tuple(notes))

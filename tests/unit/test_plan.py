@@ -282,3 +282,12 @@ def test_the_kl_selector_holds_one_model_at_a_time_spread_over_the_task_gpus() -
     two = _plan(cfg_of("llama-70b", "select.selector.method=kl", "cluster.stages.select.gpus=2"))
     assert two["select"].fits and two["select"].gpus_config == 2
     assert _plan(cfg_of("llama-70b"))["select"].device_bytes is None  # probe: CPU tasks only
+
+
+def test_the_plan_names_the_host_memory_of_a_training_free_fit() -> None:
+    """A closed-form (or EoRA) start loads the dense and the degraded model whole on the
+    host of one task: the plan says so, with both models' bytes."""
+    fitted = _plan(cfg_of("llama-70b", "train.lcc.init=closed_form"))["train"]
+    note = next(n for n in fitted.notes if "training-free fit" in n)
+    assert "275.9 GB" in note  # 2 x 138 GB of bf16 weights
+    assert not any("training-free fit" in n for n in _plan(cfg_of("llama-70b"))["train"].notes)
