@@ -429,10 +429,10 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
     host, what = train_host_bytes(shape, cfg, w, heads=heads)
     notes.append(f"host: {host / GB:.1f} GB per worker ({what}); {hw.gpus_per_node} workers "
                  f"per node: {hw.gpus_per_node * host / GB:.0f} GB per node")
-    if any(fits_wanted(get_method(cfg.method), cfg)):  # inits.fit_starts loads both whole
-        notes.append(f"the training-free fit before training holds the dense and the "
-                     f"degraded model on the host of one task: {2 * shape.weights_bytes / GB:.1f}"
-                     " GB, one block at a time on its GPU")
+    if any(fits_wanted(get_method(cfg.method), cfg)):
+        notes.append(f"the training-free fit before training reads both models from their "
+                     f"files one block at a time: two blocks ({2 * shape.block_bytes / GB:.1f}"
+                     " GB) and the calibration hidden states on its GPU")
     return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev, host_bytes=host,
                          disk_bytes=disk, gpus_config=w if inp.on_gpu else 0, gpus_min=least,
                          fits=fits, parts=parts, notes=tuple(notes))

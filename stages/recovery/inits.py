@@ -29,9 +29,10 @@ from recoup.stages.lcc.compensation import HeadId
 from recoup.stages.lcc.directions import lost_component
 from recoup.stages.lcc.heads import split_heads
 from recoup.stages.model import layout, modelio
+from recoup.stages.model.block_capture import BlockWeights, check_same_architecture
 from recoup.stages.recovery import closed_form
 from recoup.stages.recovery.eora import peft_factors
-from recoup.stages.recovery.masked_lora import keep_masks, linear_weights
+from recoup.stages.recovery.masked_lora import keep_masks
 from recoup.stages.recovery.training_free import FitPlan, fit_blockwise
 
 
@@ -69,6 +70,13 @@ class Starts:
     facts: dict[str, Any]
 
 
+def _block_weights(model: BlockWeights, layer: int, paths: Sequence[str]) -> dict[str, Tensor]:
+    """The weights of the linears ``paths`` of block ``layer``, by path, in the model's
+    dtype on the CPU."""
+    tensors = model.tensors(f"{model.prefix}.layers.{layer}.")
+    return {p: tensors[f"{p}.weight"].to(model.dtype) for p in paths}
+
+
 def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
                heads: Sequence[HeadId] | None, eora_layers: Sequence[int] | None,
                targets: Sequence[str], rank: int, alpha: float, masks_file: Path | None,
@@ -80,19 +88,20 @@ def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
     ``targets`` in ``eora_layers`` (None: that fit is not wanted) on the ``calibration``
     token sequences, the degraded model under the keep masks of ``masks_file`` (None: the
     weights' non-zero pattern; ``masked`` False: EoRA's correction applied unmasked, as an
-    unmerged adapter runs). Both models are loaded here (on the CPU, each block visiting
-    ``device``) and freed on return."""
+    unmerged adapter runs). Both models are read from their files one block at a time
+    (:class:`BlockWeights`), each block visiting ``device``."""
     started = time.perf_counter()
     torch_dtype = modelio.DTYPES[dtype]
-    dense = modelio.load_model(dense_dir, torch_dtype)
-    degraded = modelio.load_model(degraded_dir, torch_dtype)
-    modelio.check_same_architecture(dense, degraded, "the degraded model")
+    # both read from their files one block at a time: neither is ever whole in memory
+    dense = BlockWeights(dense_dir, torch_dtype)
+    degraded = BlockWeights(degraded_dir, torch_dtype)
+    check_same_architecture(dense, degraded)
     by_layer = closed_form.heads_by_layer(heads) if heads is not None else {}
     paths = tuple(p for p in layout.LINEAR_NAMES if p.rsplit(".", 1)[1] in targets)
     eora = {i: paths for i in eora_layers} if eora_layers is not None else {}
-    weights = linear_weights(degraded)
-    adapted = {f"model.layers.{i}.{p}.weight": weights[f"model.layers.{i}.{p}.weight"]
-               for i, ps in eora.items() for p in ps}
+    adapted = {f"model.layers.{i}.{p}.weight": w  # the adapted layers' weights only
+               for i, ps in eora.items()
+               for p, w in _block_weights(degraded, i, ps).items()}
     masks = (keep_masks(masks_file, adapted) if masked
              else {n: torch.ones_like(w, dtype=torch.bool) for n, w in adapted.items()})
     fit = fit_blockwise(

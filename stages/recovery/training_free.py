@@ -22,19 +22,24 @@ At block ``i``:
 
 Right padding with a causal mask leaves every real token's output untouched by the padding,
 so sequences of different lengths share micro-batches; padded positions are left out of
-every sum. Nothing here reads files or starts DeepSpeed: the train stage calls
-:func:`fit_blockwise` on ``run.device`` and writes the result as ordinary trained parameters.
+every sum. The models come as :class:`BlockSource` s: the train stage reads both from their
+files one block at a time (:func:`recoup.stages.recovery.inits.fit_starts`), so neither is
+ever whole in memory; tests pass models in memory. Nothing here starts DeepSpeed: the
+train stage calls :func:`fit_blockwise` on ``run.device`` and writes the result as
+ordinary trained parameters.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 from transformers.masking_utils import create_causal_mask
@@ -78,6 +83,54 @@ class FitResult:
     seconds_per_block: list[float]
 
 
+class BlockSource(Protocol):
+    """A causal LM as the fit reads it: one decoder block at a time. An in-memory model
+    (:class:`ModelBlocks`) or a saved one read from its files
+    (:class:`recoup.stages.model.block_capture.BlockWeights`, whose other blocks never
+    leave the disk: a 70B pair fits one GPU and little host memory)."""
+
+    config: Any
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def embedding(self) -> Tensor: ...
+
+    def rotary(self, device: torch.device) -> nn.Module: ...
+
+    def block(self, index: int, device: torch.device) -> AbstractContextManager[nn.Module]: ...
+
+
+class ModelBlocks:
+    """A model in memory as a :class:`BlockSource`: each block visits the device for the
+    ``with`` body and goes back where it was."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = model.config
+        self.decoder = layout.llama_decoder(model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def embedding(self) -> Tensor:
+        return self.decoder.embed_tokens.weight
+
+    def rotary(self, device: torch.device) -> nn.Module:
+        return self.decoder.rotary_emb
+
+    @contextmanager
+    def block(self, index: int, device: torch.device) -> Iterator[nn.Module]:
+        module: nn.Module = self.decoder.layers[index]
+        home = _module_device(module)
+        was = module.training
+        module.eval().to(device)
+        try:
+            yield module
+        finally:
+            module.train(was).to(home)
+
+
 @dataclass
 class _Batch:
     """One micro-batch of right-padded sequences: both models' hidden states (b, T, hidden),
@@ -102,20 +155,22 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _embed(dense: nn.Module, degraded: nn.Module, samples: Sequence[Sequence[int]], *,
+def _embed(dense: BlockSource, degraded: BlockSource, samples: Sequence[Sequence[int]], *,
            pad_id: int, micro_batch: int, device: torch.device, offload: bool) -> list[_Batch]:
-    """Block-0 inputs of both models, sequences grouped by length into micro-batches."""
-    dec_d, dec_g = layout.llama_decoder(dense), layout.llama_decoder(degraded)
+    """Block-0 inputs of both models, sequences grouped by length into micro-batches (the
+    embedding a row lookup where the matrix is)."""
+    emb_d, emb_g = dense.embedding(), degraded.embedding()  # (V, hidden) each
+    rotary = dense.rotary(device)
     store = torch.device("cpu") if offload else device
     order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))
     batches = []
     for start in range(0, len(order), micro_batch):
         ids, keep = _pad([samples[i] for i in order[start: start + micro_batch]], pad_id)
-        h_d = dec_d.embed_tokens(ids.to(dec_d.embed_tokens.weight.device))  # (b, T, hidden)
-        h_g = dec_g.embed_tokens(ids.to(dec_g.embed_tokens.weight.device))  # (b, T, hidden)
+        h_d = F.embedding(ids.to(emb_d.device), emb_d)  # (b, T, hidden)
+        h_g = F.embedding(ids.to(emb_g.device), emb_g)  # (b, T, hidden)
         pos = torch.arange(ids.shape[1], device=device)[None, :]  # (1, T)
         probe = h_d[:1].to(device)
-        cos, sin = dec_d.rotary_emb(probe, position_ids=pos)  # (1, T, d_head) each
+        cos, sin = rotary(probe, position_ids=pos)  # (1, T, d_head) each
         causal = create_causal_mask(config=dense.config, inputs_embeds=h_d.to(device),
                                     attention_mask=None, cache=None, position_ids=pos)
         batches.append(_Batch(keep=keep.to(device), position_ids=pos, rotary=(cos, sin),
@@ -209,44 +264,39 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def fit_blockwise(dense: nn.Module, degraded: nn.Module, samples: Sequence[Sequence[int]],
-                  plan: FitPlan, *, pad_id: int, device: torch.device | str,
-                  micro_batch: int = DEFAULT_MICRO_BATCH, offload: bool = False,
-                  progress: bool = True) -> FitResult:
+def fit_blockwise(dense: BlockSource | nn.Module, degraded: BlockSource | nn.Module,
+                  samples: Sequence[Sequence[int]], plan: FitPlan, *, pad_id: int,
+                  device: torch.device | str, micro_batch: int = DEFAULT_MICRO_BATCH,
+                  offload: bool = False, progress: bool = True) -> FitResult:
     """Fit ``plan`` block by block (see the module docstring); neither model is changed.
 
-    ``dense`` and ``degraded``: the same Llama-layout causal LM with different weights,
+    ``dense`` and ``degraded``: the same Llama-layout causal LM with different weights, as
+    :class:`BlockSource` s (a saved model read block by block) or models in memory,
     typically on the CPU (each block visits ``device`` and goes back). ``samples``: token id
     sequences, all of their tokens real.
     """
     device = torch.device(device)
     if not samples or any(len(s) == 0 for s in samples):
         raise ValueError("training-free compensation needs non-empty calibration sequences")
-    blocks_d, blocks_g = layout.decoder_layers(dense), layout.decoder_layers(degraded)
-    if len(blocks_d) != len(blocks_g):
-        raise ValueError(f"the dense model has {len(blocks_d)} layers, the degraded "
-                         f"{len(blocks_g)}")
+    src_d = ModelBlocks(dense) if isinstance(dense, nn.Module) else dense
+    src_g = ModelBlocks(degraded) if isinstance(degraded, nn.Module) else degraded
+    if src_d.num_layers != src_g.num_layers:
+        raise ValueError(f"the dense model has {src_d.num_layers} layers, the degraded "
+                         f"{src_g.num_layers}")
     if plan.eora and plan.rank < 1:
         raise ValueError("EoRA needs a rank of at least 1")
-    n_heads = int(dense.config.num_attention_heads)
-    was = dense.training, degraded.training
-    dense.eval()
-    degraded.eval()
-    batches = _embed(dense, degraded, samples, pad_id=pad_id, micro_batch=micro_batch,
+    n_heads = int(src_d.config.num_attention_heads)
+    batches = _embed(src_d, src_g, samples, pad_id=pad_id, micro_batch=micro_batch,
                      device=device, offload=offload)
     tokens = sum(int(b.keep.sum()) for b in batches)
     components: dict[HeadId, Tensor] = {}
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     seconds: list[float] = []
-    n = len(blocks_d)
-    try:
-        for i in tqdm(range(n), desc="training-free fit", unit="block", file=sys.stderr,
-                      disable=not progress):
-            started = time.perf_counter()
-            bd, bg = blocks_d[i], blocks_g[i]
-            homes = _module_device(bd), _module_device(bg)
-            bd.to(device)
-            bg.to(device)
+    n = src_d.num_layers
+    for i in tqdm(range(n), desc="training-free fit", unit="block", file=sys.stderr,
+                  disable=not progress):
+        started = time.perf_counter()
+        with src_d.block(i, device) as bd, src_g.block(i, device) as bg:
             handles = []
             restore: dict[str, Tensor] = {}
             try:
@@ -284,17 +334,12 @@ def fit_blockwise(dense: nn.Module, degraded: nn.Module, samples: Sequence[Seque
             finally:
                 for h in handles:
                     h.remove()
-                with torch.no_grad():
+                with torch.no_grad():  # an in-memory model is left as it was
                     for path, w in restore.items():
                         bg.get_submodule(path).weight.copy_(w)
-                bd.to(homes[0])
-                bg.to(homes[1])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds.append(time.perf_counter() - started)
-    finally:
-        dense.train(was[0])
-        degraded.train(was[1])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
     return FitResult(components=components, factors=factors, tokens=tokens,
                      seconds_per_block=seconds)
 

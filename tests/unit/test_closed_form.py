@@ -135,3 +135,46 @@ def test_compensation_lowers_the_hidden_state_error() -> None:
         after = degraded(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         hooks.remove()
     assert float((after - ref).pow(2).mean()) < float((before - ref).pow(2).mean())
+
+
+def test_the_fit_read_from_files_block_by_block_equals_the_fit_in_memory(tmp_path) -> None:
+    """fit_starts reads both models from their files one block at a time (neither whole in
+    memory): the closed-form components and the EoRA factors equal the fit of the same
+    models held in memory, and the in-memory models are left unchanged."""
+    from recoup.stages.recovery.eora import EIG_RTOL
+    from recoup.stages.recovery.inits import fit_starts
+    from recoup.stages.recovery.masked_lora import keep_masks, linear_weights
+
+    dense, degraded = _pair()
+    tok = modelio.byte_tokenizer()
+    modelio.save_model(dense, tok, tmp_path / "dense")
+    modelio.save_model(degraded, tok, tmp_path / "degraded")
+    n_heads = dense.config.num_attention_heads
+    gen = torch.Generator().manual_seed(4)
+    samples = [tuple(torch.randint(1, 200, (n,), generator=gen).tolist()) for n in (9, 6, 11)]
+    heads = [(0, 1), (1, 0), (1, n_heads - 1)]
+    paths = ("self_attn.q_proj", "mlp.down_proj")
+    before = {n: p.clone() for n, p in degraded.named_parameters()}
+    weights = linear_weights(degraded)
+    adapted = {n: w for n, w in weights.items()
+               if n.startswith("model.layers.1.") and n.rsplit(".", 2)[-2] in ("q_proj",
+                                                                                 "down_proj")}
+    memory = fit_blockwise(dense, degraded, samples, FitPlan(
+        heads=closed_form.heads_by_layer(heads), eora={1: paths}, rank=2,
+        masks=keep_masks(None, adapted)), pad_id=0, device="cpu", micro_batch=2,
+        progress=False)
+    files = fit_starts(dense_dir=tmp_path / "dense", degraded_dir=tmp_path / "degraded",
+                       dtype="float32", heads=heads, eora_layers=[1], targets=("q_proj",
+                                                                             "down_proj"),
+                       rank=2, alpha=2.0, masks_file=None, calibration=samples, pad_id=0,
+                       device="cpu", micro_batch=2, offload=False, eig_rtol=EIG_RTOL,
+                       progress=False)
+    assert files.lost is not None and sorted(files.lost) == sorted(memory.components)
+    for h, c in memory.components.items():
+        torch.testing.assert_close(files.lost[h], c, rtol=1e-5, atol=1e-7)
+    assert files.lora_init is not None and sorted(files.lora_init) == sorted(memory.factors)
+    for name, (B, A) in memory.factors.items():  # peft's layout at alpha / r = 1
+        torch.testing.assert_close(files.lora_init[name][1] @ files.lora_init[name][0],
+                                   B @ A, rtol=1e-4, atol=1e-6)
+    for n, p in degraded.named_parameters():
+        assert torch.equal(p, before[n]), n

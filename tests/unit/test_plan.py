@@ -284,10 +284,10 @@ def test_the_kl_selector_holds_one_model_at_a_time_spread_over_the_task_gpus() -
     assert _plan(cfg_of("llama-70b"))["select"].device_bytes is None  # probe: CPU tasks only
 
 
-def test_the_plan_names_the_host_memory_of_a_training_free_fit() -> None:
-    """A closed-form (or EoRA) start loads the dense and the degraded model whole on the
-    host of one task: the plan says so, with both models' bytes."""
+def test_the_plan_names_a_training_free_fit_before_training() -> None:
+    """A closed-form (or EoRA) start reads both models one block at a time: the plan says
+    so, with the two blocks' bytes."""
     fitted = _plan(cfg_of("llama-70b", "train.lcc.init=closed_form"))["train"]
     note = next(n for n in fitted.notes if "training-free fit" in n)
-    assert "275.9 GB" in note  # 2 x 138 GB of bf16 weights
+    assert "two blocks (3.4 GB)" in note  # 2 x 1.7 GB: a 70B block in bf16
     assert not any("training-free fit" in n for n in _plan(cfg_of("llama-70b"))["train"].notes)
