@@ -300,9 +300,7 @@ def train_stage(ctx: StageContext) -> Metrics:
     cfg: TrainConfig = ctx.config
     job, facts = build_job(ctx)
     if get_method(cfg.method).training_free:
-        # on the host: the model is built only to write its few fitted parameters, and the
-        # whole of it would not fit one GPU at 70B
-        result = save_training_free(job, ctx.out_dir, "cpu")
+        result = save_training_free(job, ctx.out_dir)
         ctx.log.info("fitted %s without training in %.1f s", cfg.method, facts["fit_seconds"])
         return {"method": cfg.method, **facts, **result}
     result = run_training(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.store import commit_path, tmp_path_for
@@ -204,6 +205,35 @@ def load_model(folder: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
+
+
+def weightless_model(folder: Path, dtype: torch.dtype) -> Any:
+    """The causal LM saved in ``folder`` without its weights: every parameter and buffer a
+    stand-in of its shape and ``dtype`` on the CPU that stores one element (a zero,
+    expanded), tied parameters still shared.
+
+    For code that needs the module tree and the shapes and reads no weight: saving a
+    training-free fit, whose adapters and compensation the job carries, through the same
+    peft / compensation modules as a trained model (built from the checkpoint, a 70B model
+    would put 138 GB on the host to save a few MB). A forward through it computes nothing
+    meaningful."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    check_supported(config, str(folder))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stand_ins: dict[int, nn.Parameter] = {}  # id of the meta parameter -> its stand-in
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in stand_ins:
+                stand_ins[id(p)] = nn.Parameter(
+                    torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+            setattr(module, name, stand_ins[id(p)])
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None:
+                module._buffers[name] = torch.zeros((), dtype=b.dtype).expand(b.shape)
+    return model.eval()
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from recoup.stages.lcc import activations
@@ -32,7 +31,7 @@ from recoup.stages.model import layout, modelio
 from recoup.stages.model.block_capture import BlockWeights, check_same_architecture
 from recoup.stages.recovery import closed_form
 from recoup.stages.recovery.eora import peft_factors
-from recoup.stages.recovery.masked_lora import keep_masks
+from recoup.stages.recovery.masked_lora import StoredMasks
 from recoup.stages.recovery.training_free import FitPlan, fit_blockwise
 
 
@@ -70,13 +69,6 @@ class Starts:
     facts: dict[str, Any]
 
 
-def _block_weights(model: BlockWeights, layer: int, paths: Sequence[str]) -> dict[str, Tensor]:
-    """The weights of the linears ``paths`` of block ``layer``, by path, in the model's
-    dtype on the CPU."""
-    tensors = model.tensors(f"{model.prefix}.layers.{layer}.")
-    return {p: tensors[f"{p}.weight"].to(model.dtype) for p in paths}
-
-
 def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
                heads: Sequence[HeadId] | None, eora_layers: Sequence[int] | None,
                targets: Sequence[str], rank: int, alpha: float, masks_file: Path | None,
@@ -99,14 +91,13 @@ def fit_starts(*, dense_dir: Path, degraded_dir: Path, dtype: str,
     by_layer = closed_form.heads_by_layer(heads) if heads is not None else {}
     paths = tuple(p for p in layout.LINEAR_NAMES if p.rsplit(".", 1)[1] in targets)
     eora = {i: paths for i in eora_layers} if eora_layers is not None else {}
-    adapted = {f"model.layers.{i}.{p}.weight": w  # the adapted layers' weights only
-               for i, ps in eora.items()
-               for p, w in _block_weights(degraded, i, ps).items()}
-    masks = (keep_masks(masks_file, adapted) if masked
-             else {n: torch.ones_like(w, dtype=torch.bool) for n, w in adapted.items()})
+    # read one linear's mask at a time as the fit reaches it: every adapted linear's at
+    # once would be a bool per weight of the model on the host
+    masks = StoredMasks(masks_file) if masked else {}
     fit = fit_blockwise(
         dense, degraded, calibration,
-        FitPlan(heads=by_layer, eora=eora, rank=rank, masks=masks, eig_rtol=eig_rtol),
+        FitPlan(heads=by_layer, eora=eora, rank=rank, masks=masks, masked=masked,
+                eig_rtol=eig_rtol),
         pad_id=pad_id, device=device, micro_batch=micro_batch, offload=offload,
         progress=progress)
     facts: dict[str, Any] = {"calibration_samples": len(calibration),

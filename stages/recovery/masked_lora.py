@@ -21,7 +21,7 @@ gathered on its own call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,36 @@ def keep_masks(masks_file: Path | None, weights: Mapping[str, Tensor]) -> dict[s
             with gathered([w]):  # a ZeRO-3 partitioned weight: whole for this one read
                 out[name] = w.detach() != 0
     return out
+
+
+class StoredMasks(Mapping[str, Tensor]):
+    """The degrade stage's keep masks (``masks.safetensors``), each read when asked for.
+
+    What a fit that visits one block at a time passes instead of :func:`keep_masks`' dict:
+    it then holds one linear's mask, not every adapted linear's (a 70B model's masks are
+    64 GB as bool). A name the file does not list (or no file: nothing was pruned) is
+    missing, and the caller falls back to the weight's non-zero pattern, as
+    :func:`keep_masks` does.
+    """
+
+    def __init__(self, masks_file: Path | None):
+        self.file = masks_file if masks_file is not None and masks_file.is_file() else None
+        self._names: list[str] = []
+        if self.file is not None:
+            with safe_open(str(self.file), "pt") as f:
+                self._names = list(f.keys())
+
+    def __getitem__(self, name: str) -> Tensor:
+        if self.file is None or name not in self._names:
+            raise KeyError(name)
+        with safe_open(str(self.file), "pt") as f:
+            return f.get_tensor(name).bool()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def linear_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -176,5 +206,5 @@ def zero3_leaves(model: nn.Module) -> None:
             set_z3_leaf_module(module, True)
 
 
-__all__ = ("KEEP_BUFFER", "keep_masks", "linear_weights", "lora_base_weights", "lora_layers",
-           "mask_lora", "masked_lora_merge", "zero3_leaves")
+__all__ = ("KEEP_BUFFER", "StoredMasks", "keep_masks", "linear_weights", "lora_base_weights",
+           "lora_layers", "mask_lora", "masked_lora_merge", "zero3_leaves")

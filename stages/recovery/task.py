@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +164,19 @@ class RecoveryTask:
                               self.base_params)
 
 
-def save_training_free(job: TrainJob, out_dir: Path, device: str) -> dict[str, Any]:
+def save_training_free(job: TrainJob, out_dir: Path) -> dict[str, Any]:
     """The fitted (training-free) model, saved as trained parameters are (``params/``,
-    ``train_result.json``), so the export folds and merges it unchanged."""
-    module, base_params = build_model(job, device)
+    ``train_result.json``), so the export folds and merges it unchanged.
+
+    Built on a weightless stand-in of the degraded model
+    (:func:`~recoup.stages.model.modelio.weightless_model`): what is saved, the fitted
+    components and factors, comes with the job, so no weight is read and a 70B fit saves
+    from a few MB of host memory. The adapters' sparsity mask is left off here: it changes
+    no saved tensor (the export merges under it) and reading it needs the weights."""
+    base = modelio.weightless_model(job.degraded_dir, modelio.DTYPES[job.dtype])
+    base_params = sum(p.numel() for p in base.parameters())
+    unmasked = job if job.lora is None else replace(job, lora=replace(job.lora, masked=False))
+    module = get_method(job.method).build(base, unmasked, torch.Generator().manual_seed(0))
     trainable, _ = count_parameters(module)
     folder = out_dir / PARAMS_DIR
     tmp = tmp_path_for(folder)

@@ -62,12 +62,15 @@ class FitPlan:
     """What to fit. ``heads``: layer -> heads whose closed-form ``c`` is fitted (and applied
     from that block on); ``eora``: layer -> linears (paths in the block, e.g.
     ``self_attn.q_proj``) that get rank-``rank`` EoRA factors; ``masks``: keep mask of
-    every linear weight by parameter name (the masked correction the export will merge)."""
+    linear weights by parameter name (the masked correction the export will merge; a name
+    it lacks keeps its weight's non-zero pattern); ``masked`` False: the correction applied
+    unmasked, as an unmerged adapter runs."""
 
     heads: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     eora: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     rank: int = 0
     masks: Mapping[str, Tensor] = field(default_factory=dict)
+    masked: bool = True
     eig_rtol: float = EIG_RTOL
 
 
@@ -324,8 +327,12 @@ def fit_blockwise(dense: BlockSource | nn.Module, degraded: BlockSource | nn.Mod
                                           plan.rank)
                         name = f"model.layers.{i}.{path}"
                         factors[name] = (B.float().cpu(), A.float().cpu())
-                        keep = plan.masks.get(f"{name}.weight")
+                        keep = plan.masks.get(f"{name}.weight") if plan.masked \
+                            else torch.ones_like(w_g, dtype=torch.bool)
                         keep = (w_g != 0) if keep is None else keep.to(device)
+                        if keep.shape != w_g.shape:
+                            raise ValueError(f"{name}: its keep mask is {tuple(keep.shape)}, "
+                                             f"the weight {tuple(w_g.shape)}")
                         restore[path] = w_g.detach().clone()
                         with torch.no_grad():
                             w_g.copy_(masked_lora_merge(w_g, A, B, 1.0, keep))

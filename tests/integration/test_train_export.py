@@ -553,6 +553,39 @@ def test_training_free_fit_recovers_and_starts_the_trained_methods(upstream: Ups
     assert kl_after < kl_before, (kl_before, kl_after)
 
 
+@pytest.mark.parametrize("merge", ["masked", "none"])
+def test_a_training_free_fit_is_saved_without_reading_the_model(upstream: Upstream,
+                                                                 tmp_path: Path,
+                                                                 merge: str) -> None:
+    """save_training_free builds the method on a weightless stand-in of the degraded model
+    (nothing of it is read; a 70B fit no longer needs the model on the host to save): its
+    files are what the model built from the checkpoint saves, byte for byte in the tensors,
+    and the same recovery.json (parameter counts included)."""
+    from safetensors.torch import load_file as load
+
+    from recoup.stages.recovery.task import save_recovered, save_training_free
+
+    cfg = _config(upstream, method="lcc-closed+eora",
+                  closed_form={"samples": 6, "micro_batch": 4},
+                  lora={"layers": [0, 1], "rank": 4, "alpha": 8.0, "merge": merge})
+    job, _ = build_job(_ctx("train", cfg, tmp_path / "job", upstream.inputs))
+    save_training_free(job, tmp_path / "free")
+    module, base_params = build_model(job, "cpu")
+    (tmp_path / "ref").mkdir()
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    save_recovered(module, job, tmp_path / "ref", trainable, base_params)
+    free, ref = tmp_path / "free" / PARAMS_DIR, tmp_path / "ref"
+    assert json.loads((free / "recovery.json").read_text()) == \
+        json.loads((ref / "recovery.json").read_text())
+    for rel in (LCC_FILE, f"{LORA_DIR}/adapter_model.safetensors"):
+        a, b = load(str(free / rel)), load(str(ref / rel))
+        assert a.keys() == b.keys() and a, rel
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert json.loads((free / LORA_DIR / "adapter_config.json").read_text()) == \
+        json.loads((ref / LORA_DIR / "adapter_config.json").read_text())
+
+
 def test_lcc_learning_rate_is_its_own_param_group(upstream: Upstream, tmp_path: Path) -> None:
     cfg = _config(upstream, method="lcc", lcc={"lr": 0.05},
                   engine={"steps": 2, "lr": 1e-3, "zero_stage": 2})

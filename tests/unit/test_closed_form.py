@@ -178,3 +178,54 @@ def test_the_fit_read_from_files_block_by_block_equals_the_fit_in_memory(tmp_pat
                                    B @ A, rtol=1e-4, atol=1e-6)
     for n, p in degraded.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+
+def test_the_fit_reads_the_stored_masks_one_at_a_time(tmp_path) -> None:
+    """With the degrade stage's masks file, fit_starts reads one linear's mask as it reaches
+    it (StoredMasks: nothing read up front) and fits what the in-memory fit does with every
+    mask at hand; unmasked (an unmerged adapter), what it does with all-ones masks. Block
+    0's correction under its mask feeds block 1, so block 1's factors tell the three masks
+    (the file's, which keeps fewer weights than are non-zero, and all-ones) apart."""
+    from safetensors.torch import save_file
+
+    from recoup.stages.recovery.eora import EIG_RTOL
+    from recoup.stages.recovery.inits import fit_starts
+    from recoup.stages.recovery.masked_lora import StoredMasks, keep_masks, linear_weights
+
+    dense, degraded = _pair()
+    tok = modelio.byte_tokenizer()
+    modelio.save_model(dense, tok, tmp_path / "dense")
+    modelio.save_model(degraded, tok, tmp_path / "degraded")
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
+    weights = {n: linear_weights(degraded)[n] for n in names}
+    gen = torch.Generator().manual_seed(1)
+    stored_keep = {n: (w != 0) & (torch.rand(w.shape, generator=gen) > 0.3)
+                   for n, w in weights.items()}
+    masks_file = tmp_path / "masks.safetensors"
+    save_file(stored_keep, str(masks_file))
+    stored = StoredMasks(masks_file)
+    assert sorted(stored) == names and torch.equal(stored[names[0]], stored_keep[names[0]])
+    assert stored.get("model.layers.0.mlp.up_proj.weight") is None
+    assert len(StoredMasks(tmp_path / "absent.safetensors")) == 0
+
+    samples = [tuple(torch.randint(1, 200, (n,), generator=gen).tolist()) for n in (9, 6, 11)]
+    block1 = {}
+    for masked in (True, False):
+        masks = keep_masks(masks_file, weights) if masked \
+            else {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+        memory = fit_blockwise(dense, degraded, samples, FitPlan(
+            eora={0: ("mlp.down_proj",), 1: ("mlp.down_proj",)}, rank=2, masks=masks),
+            pad_id=0, device="cpu", micro_batch=2, progress=False)
+        files = fit_starts(dense_dir=tmp_path / "dense", degraded_dir=tmp_path / "degraded",
+                           dtype="float32", heads=None, eora_layers=[0, 1],
+                           targets=("down_proj",), rank=2, alpha=2.0, masks_file=masks_file,
+                           masked=masked, calibration=samples, pad_id=0, device="cpu",
+                           micro_batch=2, offload=False, eig_rtol=EIG_RTOL, progress=False)
+        assert files.lora_init is not None
+        for name, (B, A) in memory.factors.items():
+            a, b = files.lora_init[name]
+            torch.testing.assert_close(b @ a, B @ A, rtol=1e-4, atol=1e-6)
+        a, b = files.lora_init["model.layers.1.mlp.down_proj"]
+        block1[masked] = b @ a
+    assert (block1[True] - block1[False]).abs().max() > 1e-4
