@@ -15,7 +15,10 @@ block), ``svd``, ``select``, ``evaluate`` (dense then degraded, one model reside
 time, the dense log-probs on disk, no zero-shot) and ``train`` (``lcc+lora``, KL on the
 dense model's cached top-k, DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few
 steps, in float32; ``--precision bf16`` trains as a GPU run does, bf16 partitions and
-teacher pass, and the plan's figures follow the setting). Every stage but train runs with
+teacher pass, and the plan's figures follow the setting), then "fit": train once more with
+the training-free ``eora`` on the same layers, in-process (the fit reads both models one
+block at a time, its float64 covariances and eigendecompositions; the save builds no
+model; ``--no-fit`` leaves it out). Every stage but train runs with
 ``cluster.mode: inprocess``, i.e. in the ``recoup run`` process itself; train runs with
 ``cluster.mode: ray``. Cluster settings are part of no fingerprint, so the switch re-runs
 nothing.
@@ -42,12 +45,13 @@ the code holds them: where the host figure names the same tensors as the device 
 they are counted once: evaluate = device (one model + one batch), collect = device + host
 (its block is the weight file's mmap'ed pages, which the host figure leaves out),
 degrade = host + device less one block, sensitivity = device (its host rows are the
-hidden states), prepare = host, train = device + host
+hidden states), prepare = host, fit = device + host (the fitted factors), train = device + host
 (rank 0's read buffer of one module beside its partition, gathered blocks and the
 prefetch's all-gather buffer). The plan leaves out the interpreter and its libraries, so
 the measured figure set against it is the peak less the RSS of an idle process of the
 same kind, measured in the same run: for the in-process stages, a Python process that
-imported the runner, every stage, transformers' Llama and safetensors; for training, a Ray
+imported the runner, every stage, transformers' Llama and safetensors (for the fit, peft
+too); for training, a Ray
 actor that imported torch, DeepSpeed, Ray Train, transformers, peft and recoup's training
 code and joined a one-rank gloo group. A stage whose net peak is more than 15% off the
 plan's figure is reported as "plan off by X%".
@@ -120,8 +124,11 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("prepare", "inprocess"), ("degrade", "inprocess"), ("data", "inprocess"),
     ("sensitivity", "inprocess"), ("collect", "inprocess"), ("svd", "inprocess"),
     ("select", "inprocess"), ("evaluate", "inprocess"), ("train", "ray"),
+    ("fit", "inprocess"),
 )
-COMPARED = ("prepare", "degrade", "sensitivity", "collect", "evaluate", "train")
+COMPARED = ("prepare", "degrade", "sensitivity", "collect", "evaluate", "train", "fit")
+#: the "fit" step: the train stage again with this training-free method, in-process
+FIT = {"method": "eora"}
 #: Ray's own start-up limit (30 s, not configurable) can pass on a loaded machine; such an
 #: attempt ran no stage, so it is repeated
 RAY_START_FAILURE = "The current node timed out during startup"
@@ -365,8 +372,10 @@ def _idle_worker_status() -> dict[str, int]:
 
 def idle_main(kind: str) -> None:
     """``--idle stage|worker``: print the RSS fields of an idle process of that kind."""
-    if kind == "stage":
+    if kind in ("stage", "fit"):
         exec(_STAGE_IMPORTS, {})  # noqa: S102 - a fixed string, this file's own
+        if kind == "fit":  # the training-free save builds its adapters with peft
+            import peft  # noqa: F401
         time.sleep(0.5)
         print(json.dumps(proc_status(os.getpid())))
         return
@@ -414,7 +423,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, source: Path, shape: Sha
                data_dir: Path) -> dict[str, Any]:
     return {
         "run": {"dir": str(run_dir), "data_dir": str(data_dir), "device": "cpu",
-                "pipeline": [s for s, _ in STEPS]},
+                "pipeline": [s for s, _ in STEPS if s != "fit"]},
         "cluster": {"mode": "inprocess", "num_cpus": args.workers + 2},
         "prepare": {"source": str(source), "dtype": "float32"},
         "degrade": {"method": "magnitude", "sparsity": 0.5},
@@ -461,16 +470,20 @@ def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
 
 
 def run_stages(cfg: dict[str, Any], configs: Path, log: Path, interval: float,
-               env: dict[str, str]) -> dict[str, StageRun]:
+               env: dict[str, str], *, fit: bool) -> dict[str, StageRun]:
     """One measured ``recoup run`` per stage of :data:`STEPS`, each adding its stage to the
-    pipeline of the one before (whose stages it reuses)."""
+    pipeline of the one before (whose stages it reuses); "fit" (when ``fit``) runs train
+    again with :data:`FIT`'s training-free method."""
     import yaml
 
     runs: dict[str, StageRun] = {}
     run_dir = Path(cfg["run"]["dir"])
-    for i, (stage, mode) in enumerate(STEPS):
+    steps = [(s, m) for s, m in STEPS if s != "fit" or fit]
+    for i, (stage, mode) in enumerate(steps):
         step_cfg = json.loads(json.dumps(cfg))
-        step_cfg["run"]["pipeline"] = [s for s, _ in STEPS[: i + 1]]
+        step_cfg["run"]["pipeline"] = [s for s, _ in steps[: i + 1] if s != "fit"]
+        if stage == "fit":
+            step_cfg["train"].update(FIT)
         step_cfg["cluster"]["mode"] = mode
         path = configs / f"{i}-{stage}.yaml"
         path.write_text(yaml.safe_dump(step_cfg, sort_keys=False))
@@ -543,7 +556,7 @@ def report(runs: dict[str, StageRun], plan: dict[str, Any], shape: Any,
             base = idle["worker"]
             rows = [(f"Ray Train worker {i + 1}", p) for i, p in enumerate(run.workers())]
         else:
-            base = idle["stage"]
+            base = idle["fit" if stage == "fit" else "stage"]
             rows = [("recoup run (in-process)", run.root)]
         for name, p in rows:
             net, net_anon = p.hwm - base["VmHWM"], p.anon - base["RssAnon"]
@@ -603,6 +616,9 @@ def _args() -> argparse.Namespace:
                    "the CPU, can be measured here too: not yet at the default size)")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="train.engine.activation_checkpointing false (default true)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="leave out the last step, train again with the training-free "
+                   f"method {FIT['method']!r} in-process (its fit and save)")
     p.add_argument("--samples", type=int, default=32, help="data.source.num_samples")
     p.add_argument("--max-length", type=int, default=256, help="data.max_length (tokens)")
     p.add_argument("--eval-windows", type=int, default=4, help="evaluate.max_windows")
@@ -617,7 +633,7 @@ def _args() -> argparse.Namespace:
                    help="where the models and the run go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--idle", choices=["stage", "worker"], help=argparse.SUPPRESS)
+    p.add_argument("--idle", choices=["stage", "worker", "fit"], help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -659,10 +675,11 @@ def main() -> None:
               flush=True)
 
         t0 = time.perf_counter()
-        idle = {"stage": idle_baseline("stage", env), "worker": idle_baseline("worker", env)}
+        idle = {kind: idle_baseline(kind, env) for kind in ("stage", "worker", "fit")}
         print("idle baselines (RSS / anon, GB): in-process stage "
               f"{gbs(idle['stage']['VmHWM'])} / {gbs(idle['stage']['RssAnon'])}, Ray Train "
-              f"worker {gbs(idle['worker']['VmHWM'])} / {gbs(idle['worker']['RssAnon'])} "
+              f"worker {gbs(idle['worker']['VmHWM'])} / {gbs(idle['worker']['RssAnon'])}, "
+              f"fit (stage + peft) {gbs(idle['fit']['VmHWM'])} / {gbs(idle['fit']['RssAnon'])} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
         run_dir = work / "run"
@@ -678,7 +695,13 @@ def main() -> None:
             print(f"warning: the plan counts {plan_shape.params} parameters, the model has "
                   f"{params}")
 
-        runs = run_stages(cfg, configs, work / "recoup-run.log", args.interval, env)
+        if not args.no_fit:
+            fit_cfg = json.loads(json.dumps(cfg))
+            fit_cfg["train"].update(FIT)
+            (configs / "fit.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+            plan["fit"] = plan_figures(configs / "fit.yaml")[1]["train"]
+        runs = run_stages(cfg, configs, work / "recoup-run.log", args.interval, env,
+                          fit=not args.no_fit)
 
         ratios = report(runs, plan, plan_shape, idle, model_bytes)
         print(f"\nmodel bytes (float32): {model_bytes:,} = {model_bytes / GB:.3f} GB; total "

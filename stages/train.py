@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,18 +47,17 @@ import torch
 from pydantic import Field, field_validator
 
 from recoup.cluster import capacity
-from recoup.cluster.engine import EngineConfig, use_bf16, use_checkpointing
+from recoup.cluster.engine import EngineConfig
 from recoup.cluster.tasks import device_task_resources, run_task
 from recoup.cluster.train import PARAMS as PARAMS_DIR
 from recoup.cluster.train import run_training
 from recoup.orchestrator.config import StrictModel
 from recoup.orchestrator.estimate import (
-    FP32,
     GB,
     EstimateInputs,
-    ModelShape,
     StageEstimate,
     chosen_count,
+    gb,
     placement_note,
 )
 from recoup.orchestrator.stage import Metrics, StageContext, register_stage
@@ -75,6 +73,17 @@ from recoup.stages.recovery.config import (
     LccConfig,
     LoraAdapterConfig,
     LossConfig,
+)
+from recoup.stages.recovery.footprint import (
+    fit_host_bytes,
+    fit_parts,
+    fits_wanted,
+    min_world_size,
+    teacher_pass_parts,
+    teacher_top_k,
+    train_host_bytes,
+    train_parts,
+    worker_peak,
 )
 from recoup.stages.recovery.inits import Starts, fit_starts, lost_components
 from recoup.stages.recovery.job import TrainJob
@@ -217,12 +226,6 @@ def build_job(ctx: StageContext) -> tuple[TrainJob, dict[str, Any]]:
     return TrainJob(**job), facts
 
 
-def fits_wanted(method: RecoveryMethod, cfg: TrainConfig) -> tuple[bool, bool]:
-    """(closed-form lcc fit, EoRA fit): what the method runs before training, or instead."""
-    return (method.uses_lcc and (method.training_free or cfg.lcc.init == "closed_form"),
-            method.uses_lora and (method.training_free or cfg.lora.init == "eora"))
-
-
 def fit_closed_form(ctx: StageContext, method: RecoveryMethod, job: dict[str, Any],
                     encoded: list[Encoded], card: modelio.ModelCard) -> dict[str, Any]:
     """Run the training-free fits the method needs (itself, or as an init) and put them in
@@ -314,93 +317,47 @@ def train_stage(ctx: StageContext) -> Metrics:
     return metrics
 
 
-def _teacher_top_k(cfg: TrainConfig) -> int | None:
-    """None: no KL; 0: the exact KL (teacher resident); k: the cached top-k."""
-    return cfg.loss.teacher_top_k if cfg.loss.kl_weight > 0 else None
-
-
-def train_parts(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
-                heads: int) -> dict[str, int]:
-    """Device bytes of one training worker (one GPU) under the configured ZeRO stage
-    (:func:`recoup.cluster.capacity.zero_worker_parts`); ``heads``: the heads select keeps
-    (compensated by the lcc methods). A plan is for a GPU run: activation checkpointing
-    and bf16 as ``auto`` resolves them on GPU."""
-    method = get_method(cfg.method)
-    lora = cfg.lora
-    return capacity.zero_worker_parts(
-        shape, cfg.engine, world_size, tokens=cfg.engine.micro_batch * cfg.max_seq_len,
-        heads=heads if method.needs_heads else 0,
-        lora=capacity.LoraShape(
-            layers=lora.layer_count(shape.card.layers),
-            rank=lora.rank, targets=tuple(lora.targets),
-            masked=lora.merge == "masked") if method.uses_lora else None,
-        teacher_top_k=_teacher_top_k(cfg),
-        checkpointing=use_checkpointing(cfg.engine, "cuda"))
-
-
-def teacher_pass_parts(shape: ModelShape, cfg: TrainConfig,
-                       world_size: int) -> dict[str, int] | None:
-    """Device bytes of the teacher pass before training (None: no cached teacher)."""
-    k = _teacher_top_k(cfg)
-    if not k:
-        return None
-    return capacity.teacher_pass_parts(shape, cfg.engine, world_size,
-                                       tokens=cfg.engine.micro_batch * cfg.max_seq_len, top_k=k)
-
-
-def worker_peak(shape: ModelShape, cfg: TrainConfig, world_size: int, *, heads: int) -> int:
-    """A worker's device peak: training, or the teacher pass before it when larger."""
-    teacher = teacher_pass_parts(shape, cfg, world_size)
-    return max(sum(train_parts(shape, cfg, world_size, heads=heads).values()),
-               sum(teacher.values()) if teacher else 0)
-
-
-def min_world_size(shape: ModelShape, cfg: TrainConfig, usable: float, *,
-                   heads: int) -> int | None:
-    """Fewest training workers whose per-GPU peak fits ``usable``; None if none does."""
-    return capacity.min_world_size(
-        lambda world: {"peak": worker_peak(shape, cfg, world, heads=heads)}, usable)
-
-
-def train_host_bytes(shape: ModelShape, cfg: TrainConfig, world_size: int, *,
-                     heads: int) -> tuple[int, str]:
-    """Host bytes of one worker and what they are. ZeRO-3: rank 0 reads one module's
-    tensors at a time (the largest: the embeddings or LM head, or a linear), plus the
-    offloaded shares and the chosen heads' V the job carries; ZeRO 0-2: the whole model,
-    loaded on the host before it moves to the GPU. The exact KL's resident teacher adds a
-    whole model loaded through the host."""
-    card, eng = shape.card, cfg.engine
-    v_bytes = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
-        else 0
-    if _teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
-        v_bytes += shape.weights_bytes
-    if eng.zero_stage != 3:
-        return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
-    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
-    host = largest * shape.itemsize + v_bytes
-    what = "partitioned load: rank 0 reads one module's tensors at a time"
-    item = 2 if use_bf16(eng, "cuda") else FP32
-    if eng.offload_params:
-        host += math.ceil(shape.params * item / world_size)
-        what += ", plus its share of the offloaded weights"
-    if eng.offload_optimizer:
-        what += " (Adam state offloaded too, small: only the recovery parameters train)"
-    return host, what
+def estimate_fit(inp: EstimateInputs) -> StageEstimate:
+    """A training-free method: its fit as one task on one GPU (:func:`fit_parts`), the
+    fitted parameters on the host (:func:`fit_host_bytes`); no training workers."""
+    cfg: TrainConfig = inp.config
+    shape, hw = inp.shape, inp.hardware
+    n = cfg.max_samples or inp.sections["data"].source.num_samples
+    parts = fit_parts(shape, cfg, samples=n)
+    dev = sum(parts.values())
+    fits = dev <= hw.usable
+    _, gpus = inp.task_resources
+    notes = ["training-free: fitted by one task, both models read from their files one "
+             "block at a time; no training workers"]
+    if not fits:
+        notes.append(f"needs {gb(dev)} on one device: fewer train.closed_form.samples, or "
+                     "train.closed_form.offload: true")
+    if gpus < 1 and inp.on_gpu:
+        notes.append("set cluster.stages.train.gpus=1 (the fit's task asks for no GPU)")
+    host = fit_host_bytes(shape, cfg, heads=shape.card.layers * shape.card.heads, samples=n)
+    return StageEstimate(stage=inp.stage, workers=1, device_bytes=dev, host_bytes=host,
+                         disk_bytes=None, gpus_config=gpus, gpus_min=1 if fits else None,
+                         fits=fits, parts=parts, notes=tuple(notes))
 
 
 def estimate_train(inp: EstimateInputs) -> StageEstimate:
     """Per GPU under ZeRO (:func:`train_parts`; the teacher pass before training when the KL
     reads a cached top-k), the fewest workers that fit, host memory while loading
-    (:func:`train_host_bytes`) and the teacher's top-k file on disk."""
+    (:func:`train_host_bytes`), the teacher's top-k file on disk, and the training-free fit
+    that starts training when an init asks for it (a task on one GPU before the workers).
+    A training-free method is :func:`estimate_fit`."""
     from recoup.cluster.placement import worker_group
 
     cfg: TrainConfig = inp.config
+    if get_method(cfg.method).training_free:
+        return estimate_fit(inp)
     shape, hw = inp.shape, inp.hardware
     selector = inp.sections["select"].selector
     heads = chosen_count(selector.top_count, selector.top_fraction,
                          shape.card.layers * shape.card.heads)
     eng = cfg.engine
     w = eng.workers
+    n_samples = cfg.max_samples or inp.sections["data"].source.num_samples
     parts = train_parts(shape, cfg, w, heads=heads)
     dev = worker_peak(shape, cfg, w, heads=heads)
     least = min_world_size(shape, cfg, hw.usable, heads=heads)
@@ -410,10 +367,10 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
     if teacher:
         notes.append(f"teacher pass before training (dense model, then freed): "
                      f"{sum(teacher.values()) / GB:.1f} GB per GPU")
-        n = cfg.max_samples or inp.sections["data"].source.num_samples
-        if n is not None:
-            disk = capacity.teacher_file_bytes(n * cfg.max_seq_len, cfg.loss.teacher_top_k)
-    elif _teacher_top_k(cfg) == 0:
+        if n_samples is not None:
+            disk = capacity.teacher_file_bytes(n_samples * cfg.max_seq_len,
+                                               cfg.loss.teacher_top_k)
+    elif teacher_top_k(cfg) == 0:
         notes.append("exact KL: the whole dense model on every worker "
                      "(train.loss.teacher_top_k > 0 computes its top-k before training)")
     fits = dev <= hw.usable
@@ -428,9 +385,13 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
     notes.append(f"host: {host / GB:.1f} GB per worker ({what}); {hw.gpus_per_node} workers "
                  f"per node: {hw.gpus_per_node * host / GB:.0f} GB per node")
     if any(fits_wanted(get_method(cfg.method), cfg)):
-        notes.append(f"the training-free fit before training reads both models from their "
-                     f"files one block at a time: two blocks ({2 * shape.block_bytes / GB:.1f}"
-                     " GB) and the calibration hidden states on its GPU")
+        fit = sum(fit_parts(shape, cfg, samples=n_samples).values())
+        notes.append(f"the training-free fit before training (one task, both models read one "
+                     f"block at a time): {gb(fit)} on its GPU")
+        if fit > hw.usable:
+            notes.append("the fit does not fit one device: fewer train.closed_form.samples, "
+                         "or train.closed_form.offload: true")
+            fits = False
     return StageEstimate(stage=inp.stage, workers=w, device_bytes=dev, host_bytes=host,
                          disk_bytes=disk, gpus_config=w if inp.on_gpu else 0, gpus_min=least,
                          fits=fits, parts=parts, notes=tuple(notes))

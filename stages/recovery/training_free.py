@@ -261,12 +261,44 @@ def _covariances(block: nn.Module, batches: list[_Batch], paths: Sequence[str],
     return {p: accs[g].xxt for p, g in groups.items()}
 
 
+def _correct_block(i: int, bd: nn.Module, bg: nn.Module, batches: list[_Batch],
+                   paths: Sequence[str], plan: FitPlan, device: torch.device,
+                   restore: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """EoRA on block ``i``: the factors of each linear in ``paths`` (by module name) from
+    the compensated degraded block's input covariances, each linear's weight replaced by
+    its masked corrected weight (the original kept in ``restore``). A function of its own
+    so that the block's float64 covariances and eigenbases are freed when it returns, not
+    held through the blocks that follow."""
+    covs = _covariances(bg, batches, paths, device)
+    bases: dict[int, Eigenbasis] = {}  # one eigh per shared input
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for path in paths:
+        w_d = bd.get_submodule(path).weight
+        w_g = bg.get_submodule(path).weight
+        cov = covs[path]
+        if id(cov) not in bases:
+            bases[id(cov)] = eigenbasis(cov, eig_rtol=plan.eig_rtol)
+        B, A = factors_in(w_d.double() - w_g.double(), bases[id(cov)], plan.rank)
+        name = f"model.layers.{i}.{path}"
+        out[name] = (B.float().cpu(), A.float().cpu())
+        keep = plan.masks.get(f"{name}.weight") if plan.masked \
+            else torch.ones_like(w_g, dtype=torch.bool)
+        keep = (w_g != 0) if keep is None else keep.to(device)
+        if keep.shape != w_g.shape:
+            raise ValueError(f"{name}: its keep mask is {tuple(keep.shape)}, "
+                             f"the weight {tuple(w_g.shape)}")
+        restore[path] = w_g.detach().clone()
+        w_g.copy_(masked_lora_merge(w_g, A, B, 1.0, keep))
+    return out
+
+
 def _module_device(module: nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device
     return torch.device("cpu")
 
 
+@torch.no_grad()  # the blocks' weights are parameters: EoRA's float64 algebra on them
 def fit_blockwise(dense: BlockSource | nn.Module, degraded: BlockSource | nn.Module,
                   samples: Sequence[Sequence[int]], plan: FitPlan, *, pad_id: int,
                   device: torch.device | str, micro_batch: int = DEFAULT_MICRO_BATCH,
@@ -315,35 +347,15 @@ def fit_blockwise(dense: BlockSource | nn.Module, degraded: BlockSource | nn.Mod
                     _advance(bd, batches, "dense", device)
                 paths = plan.eora.get(i, ())
                 if paths:
-                    covs = _covariances(bg, batches, paths, device)
-                    bases: dict[int, Eigenbasis] = {}  # one eigh per shared input
-                    for path in paths:
-                        w_d = bd.get_submodule(path).weight
-                        w_g = bg.get_submodule(path).weight
-                        cov = covs[path]
-                        if id(cov) not in bases:
-                            bases[id(cov)] = eigenbasis(cov, eig_rtol=plan.eig_rtol)
-                        B, A = factors_in(w_d.double() - w_g.double(), bases[id(cov)],
-                                          plan.rank)
-                        name = f"model.layers.{i}.{path}"
-                        factors[name] = (B.float().cpu(), A.float().cpu())
-                        keep = plan.masks.get(f"{name}.weight") if plan.masked \
-                            else torch.ones_like(w_g, dtype=torch.bool)
-                        keep = (w_g != 0) if keep is None else keep.to(device)
-                        if keep.shape != w_g.shape:
-                            raise ValueError(f"{name}: its keep mask is {tuple(keep.shape)}, "
-                                             f"the weight {tuple(w_g.shape)}")
-                        restore[path] = w_g.detach().clone()
-                        with torch.no_grad():
-                            w_g.copy_(masked_lora_merge(w_g, A, B, 1.0, keep))
+                    factors.update(_correct_block(i, bd, bg, batches, paths, plan, device,
+                                                  restore))
                 if i + 1 < n:
                     _advance(bg, batches, "degraded", device)
             finally:
                 for h in handles:
                     h.remove()
-                with torch.no_grad():  # an in-memory model is left as it was
-                    for path, w in restore.items():
-                        bg.get_submodule(path).weight.copy_(w)
+                for path, w in restore.items():  # an in-memory model is left as it was
+                    bg.get_submodule(path).weight.copy_(w)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)

@@ -15,7 +15,7 @@ from recoup.orchestrator.runconfig import RunConfig
 from recoup.stages.collect import activation_bytes_per_sample
 from recoup.stages.degrade import degrade_parts
 from recoup.stages.evaluate import evaluate_parts
-from recoup.stages.train import min_world_size, train_parts
+from recoup.stages.recovery.footprint import min_world_size, train_parts
 
 REPO = Path(__file__).resolve().parents[2]
 H80 = Hardware(gpu_bytes=80 * GB)
@@ -285,9 +285,34 @@ def test_the_kl_selector_holds_one_model_at_a_time_spread_over_the_task_gpus() -
 
 
 def test_the_plan_names_a_training_free_fit_before_training() -> None:
-    """A closed-form (or EoRA) start reads both models one block at a time: the plan says
-    so, with the two blocks' bytes."""
-    fitted = _plan(cfg_of("llama-70b", "train.lcc.init=closed_form"))["train"]
+    """A closed-form (or EoRA) start runs the fit as a task of its own before the workers:
+    the plan gives its bytes on that GPU (two blocks, the calibration hidden states, the
+    forward), and leaves the fit out when no init asks for it."""
+    from recoup.stages.recovery.footprint import fit_parts
+
+    cfg = cfg_of("llama-70b", "train.lcc.init=closed_form")
+    fitted = _plan(cfg)["train"]
     note = next(n for n in fitted.notes if "training-free fit" in n)
-    assert "two blocks (3.4 GB)" in note  # 2 x 1.7 GB: a 70B block in bf16
+    parts = fit_parts(resolve_model(cfg), cfg.train)
+    assert f"{sum(parts.values()) / GB:.1f} GB on its GPU" in note
+    assert parts["one decoder block of each model"] == pytest.approx(2 * 1.71e9, rel=0.01)
+    assert not any("eigen" in k for k in parts)  # no EoRA: no covariances
     assert not any("training-free fit" in n for n in _plan(cfg_of("llama-70b"))["train"].notes)
+
+
+def test_a_training_free_method_is_planned_as_its_fit() -> None:
+    """eora at 70B: one task on one GPU (no training workers, no ZeRO terms), the widest
+    input's float64 eigendecomposition the largest part (4 x 28672^2 x 8 bytes), and the
+    host holds the fitted factors only (the save reads no weight). closed_form.offload
+    moves both models' hidden states from the GPU to the host."""
+    cfg = cfg_of("llama-70b", "train.method=eora")
+    est = _plan(cfg)["train"]
+    assert est.workers == 1 and est.fits and est.gpus_min == 1
+    assert not any("ZeRO" in k for k in est.parts)
+    assert est.parts["eigendecomposition of the widest input (float64)"] == 4 * 28672**2 * 8
+    assert est.device_bytes < 60 * GB and est.host_bytes < 1 * GB
+    off = _plan(cfg_of("llama-70b", "train.method=eora", "train.closed_form.offload=true"))
+    states = 2 * 64 * cfg.train.max_seq_len * 8192 * 2  # both models, bf16
+    assert est.device_bytes - off["train"].device_bytes == pytest.approx(
+        states * (1 - cfg.train.closed_form.micro_batch / 64))
+    assert off["train"].host_bytes - est.host_bytes == states

@@ -11,7 +11,7 @@ from recoup.orchestrator.config import load_config
 from recoup.orchestrator.estimate import GB, Hardware, StageEstimate, chosen_count
 from recoup.orchestrator.plan import plan_stages, resolve_model
 from recoup.orchestrator.runconfig import RunConfig
-from recoup.stages.train import min_world_size, train_parts
+from recoup.stages.recovery.footprint import min_world_size, train_parts
 
 REPO = Path(__file__).resolve().parents[2]
 H80 = Hardware(gpu_bytes=80 * GB)
