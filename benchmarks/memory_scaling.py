@@ -77,12 +77,12 @@ is about. At the smoke-test sizes the imports dominate and ZeRO-3 keeps every pa
 under 1e5 elements whole on every rank (``stage3_param_persistence_threshold``): the
 ratio means nothing there, the script only shows that it runs.
 
-Sizes for the default (1.5 GB) on a 2-core CPU: about 7 minutes alone (411 s measured,
-2026-12-04), mostly collect, the teacher pass and the training steps; about 5 GB of disk
-in a temporary folder (source, dense and degraded models, masks, dense log-probs,
-DeepSpeed checkpoints) removed at the end unless ``--keep``; memory peaks at a few GB
-(evaluate: one model, its logits and the mmap'ed files; train: the workers' partitions,
-Ray's processes, the page cache).
+Sizes for the default (1.5 GB) on a 2-core CPU: about 14 minutes alone (852 s measured,
+2026-12-04, the fit step included), mostly collect, the teacher pass and the training
+steps; about 5 GB of disk in a temporary folder (source, dense and degraded models,
+masks, dense log-probs, DeepSpeed checkpoints) removed at the end unless ``--keep``;
+memory peaks at a few GB (evaluate: one model, its logits and the mmap'ed files; train:
+the workers' partitions, Ray's processes, the page cache).
 """
 
 from __future__ import annotations
