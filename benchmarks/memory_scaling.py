@@ -460,6 +460,17 @@ def plan_figures(cfg_path: Path) -> tuple[Any, dict[str, Any]]:
     return shape, {e.stage: e for e in plan_stages(cfg, shape, Hardware())}
 
 
+def fit_plan(cfg: dict[str, Any], path: Path) -> Any:
+    """``recoup plan``'s train estimate for ``cfg`` with :data:`FIT`'s training-free method
+    (the "fit" step), its config written to ``path``."""
+    import yaml
+
+    fit_cfg = json.loads(json.dumps(cfg))
+    fit_cfg["train"].update(FIT)
+    path.write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+    return plan_figures(path)[1]["train"]
+
+
 def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     """Device + host bytes of one worker, each tensor counted once (module docstring)."""
     dev, host = est.device_bytes or 0, est.host_bytes or 0
@@ -696,10 +707,7 @@ def main() -> None:
                   f"{params}")
 
         if not args.no_fit:
-            fit_cfg = json.loads(json.dumps(cfg))
-            fit_cfg["train"].update(FIT)
-            (configs / "fit.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
-            plan["fit"] = plan_figures(configs / "fit.yaml")[1]["train"]
+            plan["fit"] = fit_plan(cfg, configs / "fit.yaml")
         runs = run_stages(cfg, configs, work / "recoup-run.log", args.interval, env,
                           fit=not args.no_fit)
 
