@@ -317,12 +317,17 @@ def train_stage(ctx: StageContext) -> Metrics:
     return metrics
 
 
+def _train_samples(inp: EstimateInputs) -> int | None:
+    """Training samples the stage reads (None: unknown before the data stage runs)."""
+    return inp.config.max_samples or inp.sections["data"].source.num_samples
+
+
 def estimate_fit(inp: EstimateInputs) -> StageEstimate:
     """A training-free method: its fit as one task on one GPU (:func:`fit_parts`), the
     fitted parameters on the host (:func:`fit_host_bytes`); no training workers."""
     cfg: TrainConfig = inp.config
     shape, hw = inp.shape, inp.hardware
-    n = cfg.max_samples or inp.sections["data"].source.num_samples
+    n = _train_samples(inp)
     parts = fit_parts(shape, cfg, samples=n)
     dev = sum(parts.values())
     fits = dev <= hw.usable
@@ -357,7 +362,7 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
                          shape.card.layers * shape.card.heads)
     eng = cfg.engine
     w = eng.workers
-    n_samples = cfg.max_samples or inp.sections["data"].source.num_samples
+    n_samples = _train_samples(inp)
     parts = train_parts(shape, cfg, w, heads=heads)
     dev = worker_peak(shape, cfg, w, heads=heads)
     least = min_world_size(shape, cfg, hw.usable, heads=heads)

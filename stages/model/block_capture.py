@@ -65,16 +65,11 @@ class BlockWeights:
     safetensors files when asked for."""
 
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from recoup.stages.model.modelio import check_supported
+        from recoup.stages.model.modelio import meta_model
 
         self.folder = folder
         self.dtype = dtype
-        config = AutoConfig.from_pretrained(folder)
-        check_supported(config, str(folder))
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = meta_model(folder)
         self.config = skeleton.config  # with the attention implementation filled in
         self.decoder = layout.llama_decoder(skeleton)
         self.prefix = next(n for n, m in skeleton.named_modules() if m is self.decoder)

@@ -207,6 +207,18 @@ def load_model(folder: Path, dtype: torch.dtype, device: str = "cpu") -> Any:
     return model.to(device).eval()
 
 
+def meta_model(folder: Path, dtype: torch.dtype | None = None) -> Any:
+    """The causal LM saved in ``folder`` built on the meta device from its config (checked
+    by :func:`check_supported`): the module tree and every shape, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    check_supported(config, str(folder))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def weightless_model(folder: Path, dtype: torch.dtype) -> Any:
     """The causal LM saved in ``folder`` without its weights: every parameter and buffer a
     stand-in of its shape and ``dtype`` on the CPU that stores one element (a zero,
@@ -217,12 +229,7 @@ def weightless_model(folder: Path, dtype: torch.dtype) -> Any:
     peft / compensation modules as a trained model (built from the checkpoint, a 70B model
     would put 138 GB on the host to save a few MB). A forward through it computes nothing
     meaningful."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    check_supported(config, str(folder))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = meta_model(folder, dtype)
     stand_ins: dict[int, nn.Parameter] = {}  # id of the meta parameter -> its stand-in
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):

@@ -59,7 +59,6 @@ def fits_wanted(method: RecoveryMethod, cfg: TrainSettings) -> tuple[bool, bool]
             method.uses_lora and (method.training_free or cfg.lora.init == "eora"))
 
 
-
 def train_parts(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
                 heads: int) -> dict[str, int]:
     """Device bytes of one training worker (one GPU) under the configured ZeRO stage
@@ -184,11 +183,11 @@ def fit_host_bytes(shape: ModelShape, cfg: TrainSettings, *, heads: int,
     card = shape.card
     lcc_fit, eora_fit = fits_wanted(get_method(cfg.method), cfg)
     host = heads * card.d_head * FP32 if lcc_fit else 0
-    if eora_fit:
-        targets = set(cfg.lora.targets)
-        host += cfg.lora.layer_count(card.layers) * sum(
-            cfg.lora.rank * (o + i) for n, o, i in shape.block_linears
-            if n.rsplit(".", 1)[-1] in targets) * FP32
+    if eora_fit:  # the factors have the adapters' shapes
+        factors, _ = capacity.lora_parts(shape, layers=cfg.lora.layer_count(card.layers),
+                                         rank=cfg.lora.rank, targets=tuple(cfg.lora.targets),
+                                         itemsize=FP32)
+        host += factors * FP32
     if cfg.closed_form.offload:
         host += (2 * calibration_count(cfg, samples) * cfg.max_seq_len * card.hidden
                  * shape.itemsize)

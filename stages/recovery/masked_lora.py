@@ -56,48 +56,22 @@ def masked_lora_merge(W: Tensor, A: Tensor, B: Tensor, scale: float, mask: Tenso
     return merged.to(W.dtype)
 
 
-def keep_masks(masks_file: Path | None, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Keep mask (bool, on each weight's device) of each of ``weights``, by parameter name
-    (``model.layers.{i}.self_attn.q_proj.weight``).
-
-    ``masks_file``: the degrade stage's ``masks.safetensors`` (None or absent: no pruning
-    mask was written); a weight it does not list keeps its own non-zero pattern (read
-    gathered when ZeRO-3 partitioned it, a collective: every rank passes the same weights).
-    """
-    out: dict[str, Tensor] = {}
-    if masks_file is not None and masks_file.is_file():
-        with safe_open(str(masks_file), "pt") as f:
-            stored = set(f.keys())
-            for name, w in weights.items():
-                if name in stored:
-                    keep = f.get_tensor(name).bool()
-                    if keep.shape != full_shape(w):
-                        raise ValueError(f"{masks_file}: mask of {name} is {tuple(keep.shape)}, "
-                                         f"the weight {tuple(full_shape(w))}")
-                    out[name] = keep.to(w.device)
-    for name, w in weights.items():
-        if name not in out:
-            with gathered([w]):  # a ZeRO-3 partitioned weight: whole for this one read
-                out[name] = w.detach() != 0
-    return out
-
-
 class StoredMasks(Mapping[str, Tensor]):
     """The degrade stage's keep masks (``masks.safetensors``), each read when asked for.
 
-    What a fit that visits one block at a time passes instead of :func:`keep_masks`' dict:
-    it then holds one linear's mask, not every adapted linear's (a 70B model's masks are
-    64 GB as bool). A name the file does not list (or no file: nothing was pruned) is
-    missing, and the caller falls back to the weight's non-zero pattern, as
-    :func:`keep_masks` does.
+    :func:`keep_masks` reads the file through it; a fit that visits one block at a time
+    passes it instead of :func:`keep_masks`' dict, and so holds one linear's mask, not
+    every adapted linear's (a 70B model's masks are 64 GB as bool). A name the file does
+    not list (or no file: nothing was pruned) is missing, and the caller falls back to the
+    weight's non-zero pattern, as :func:`keep_masks` does.
     """
 
     def __init__(self, masks_file: Path | None):
         self.file = masks_file if masks_file is not None and masks_file.is_file() else None
-        self._names: list[str] = []
+        self._names: dict[str, None] = {}  # ordered, with set lookups
         if self.file is not None:
             with safe_open(str(self.file), "pt") as f:
-                self._names = list(f.keys())
+                self._names = dict.fromkeys(f.keys())
 
     def __getitem__(self, name: str) -> Tensor:
         if self.file is None or name not in self._names:
@@ -110,6 +84,28 @@ class StoredMasks(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def keep_masks(masks_file: Path | None, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Keep mask (bool, on each weight's device) of each of ``weights``, by parameter name
+    (``model.layers.{i}.self_attn.q_proj.weight``).
+
+    ``masks_file``: the degrade stage's ``masks.safetensors`` (None or absent: no pruning
+    mask was written); a weight it does not list keeps its own non-zero pattern (read
+    gathered when ZeRO-3 partitioned it, a collective: every rank passes the same weights).
+    """
+    stored = StoredMasks(masks_file)
+    out: dict[str, Tensor] = {}
+    for name, w in weights.items():
+        keep = stored.get(name)
+        if keep is None:
+            with gathered([w]):  # a ZeRO-3 partitioned weight: whole for this one read
+                keep = w.detach() != 0
+        elif keep.shape != full_shape(w):
+            raise ValueError(f"{masks_file}: mask of {name} is {tuple(keep.shape)}, "
+                             f"the weight {tuple(full_shape(w))}")
+        out[name] = keep.to(w.device)
+    return out
 
 
 def linear_weights(model: nn.Module) -> dict[str, Tensor]:

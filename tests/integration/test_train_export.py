@@ -563,7 +563,11 @@ def test_a_training_free_fit_is_saved_without_reading_the_model(upstream: Upstre
     and the same recovery.json (parameter counts included)."""
     from safetensors.torch import load_file as load
 
-    from recoup.stages.recovery.task import save_recovered, save_training_free
+    from recoup.stages.recovery.task import (
+        count_parameters,
+        save_recovered,
+        save_training_free,
+    )
 
     cfg = _config(upstream, method="lcc-closed+eora",
                   closed_form={"samples": 6, "micro_batch": 4},
@@ -572,7 +576,7 @@ def test_a_training_free_fit_is_saved_without_reading_the_model(upstream: Upstre
     save_training_free(job, tmp_path / "free")
     module, base_params = build_model(job, "cpu")
     (tmp_path / "ref").mkdir()
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    trainable, _ = count_parameters(module)
     save_recovered(module, job, tmp_path / "ref", trainable, base_params)
     free, ref = tmp_path / "free" / PARAMS_DIR, tmp_path / "ref"
     assert json.loads((free / "recovery.json").read_text()) == \
