@@ -7,8 +7,10 @@ The GPU counterpart of ``memory_scaling.py`` (which measures host memory on the 
 a 2-core machine can): the same random Llama (``--size-gb`` of float32 bytes, default 4 GB,
 about 1B parameters) and the same run config, changed to what a GPU run uses:
 ``run.device: cuda``, the model prepared in bfloat16, activations kept in float16, training in bf16
-under ZeRO-3 with activation checkpointing, one worker; last, "fit": train again with the
-training-free ``eora`` (its block-by-block fit on the GPU). Every stage runs in its own
+under ZeRO-3 with activation checkpointing, one worker; then "train-streamed": train again
+with the frozen base streamed from its checkpoint (``train.engine.frozen_weights:
+streamed``); last, "fit": train again with the training-free ``eora`` (its block-by-block
+fit on the GPU). Every stage runs in its own
 ``recoup run`` process with ``cluster.mode: inprocess`` (no Ray needed: the stage's work
 happens in that process, training included, on a one-rank NCCL group).
 
@@ -122,10 +124,9 @@ def run_stage(i: int, stage: str, cfg: dict[str, Any], work: Path, env: dict[str
     GPU should report every stage it can."""
     import yaml
 
-    step = json.loads(json.dumps(cfg))
-    names = [s for s in STAGES[: i + 1] if s not in failed and s != "fit"]
-    if stage == "fit":  # train again with the training-free method, whatever train did
-        step["train"].update(ms.FIT)
+    step = ms.with_variant(cfg, stage)
+    names = ms.stage_steps([s for s in STAGES[: i + 1] if s not in failed])
+    if stage in ms.VARIANTS:  # train again with the variant's settings, whatever train did
         names = [s for s in names if s != "train"] + ["train"]
     step["run"]["pipeline"] = names
     path = work / "configs" / f"{i}-{stage}.yaml"
@@ -272,7 +273,8 @@ def main() -> None:
         full = work / "configs" / "full.yaml"
         full.write_text(yaml.safe_dump(cfg, sort_keys=False))
         _, plan = ms.plan_figures(full)
-        plan["fit"] = ms.fit_plan(cfg, work / "configs" / "fit.yaml")
+        for step in ms.VARIANTS:
+            plan[step] = ms.variant_plan(cfg, step, work / "configs" / f"{step}.yaml")
         runs: dict[str, dict[str, Any]] = {}
         failed: set[str] = set()
         for i, stage in enumerate(STAGES):

@@ -15,7 +15,10 @@ block), ``svd``, ``select``, ``evaluate`` (dense then degraded, one model reside
 time, the dense log-probs on disk, no zero-shot) and ``train`` (``lcc+lora``, KL on the
 dense model's cached top-k, DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers, a few
 steps, in float32; ``--precision bf16`` trains as a GPU run does, bf16 partitions and
-teacher pass, and the plan's figures follow the setting), then "fit": train once more with
+teacher pass, and the plan's figures follow the setting), then "train-streamed": the same
+training with the frozen base streamed from its checkpoint (``train.engine.frozen_weights:
+streamed``: no partition, each module's weights read when it runs; ``--no-streamed`` leaves
+it out), then "fit": train once more with
 the training-free ``eora`` on the same layers, in-process (the fit reads both models one
 block at a time, its float64 covariances and eigendecompositions; the save builds no
 model; ``--no-fit`` leaves it out). Every stage but train runs with
@@ -67,15 +70,17 @@ process started here instead (recoup then leaves it alone): a value of 33554432 
 roughly what glibc's dynamic threshold costs.
 
 The last line is ``train_peak_per_worker_over_model: X``: the largest peak RSS (VmHWM) of one
-Ray Train worker divided by the model's float32 bytes, raw (imports included). The goal
-of issue #17 is <= 0.65 with 2 workers. With 2 workers ZeRO-3 already holds 0.5 of the
-model per worker as its partition, and an idle worker after the imports is several hundred
-MB of RSS (printed), a large share of a 1.5 GB model, so the raw ratio at 1.5 GB cannot
-reach 0.65 whatever the partitioned load does; the lines before the last give the ratio
-with the idle worker's RSS subtracted (and the anon-only one), which is what the goal
-is about. At the smoke-test sizes the imports dominate and ZeRO-3 keeps every parameter
-under 1e5 elements whole on every rank (``stage3_param_persistence_threshold``): the
-ratio means nothing there, the script only shows that it runs.
+Ray Train worker of the "train-streamed" step (of "train" when it is left out) divided by
+the model's float32 bytes, raw (imports included). The goal of issue #17 is <= 0.65 with 2
+workers. With the frozen base resident, ZeRO-3 already holds 0.5 of the model per worker
+as its partition, and an idle worker after the imports is several hundred MB of RSS
+(printed), a large share of a 1.5 GB model, so that ratio (printed before the last lines
+as ``train_peak_per_worker_over_model_partitioned``) cannot reach 0.65 at 1.5 GB; the
+streamed base holds no partition. The line before the last gives the ratio with the idle
+worker's RSS subtracted. At the smoke-test sizes the imports dominate and ZeRO-3 keeps
+every parameter under 1e5 elements whole on every rank
+(``stage3_param_persistence_threshold``): the ratio means nothing there, the script only
+shows that it runs.
 
 Sizes for the default (1.5 GB) on a 2-core CPU: about 14 minutes alone (852 s measured,
 2026-12-04, the fit step included), mostly collect, the teacher pass and the training
@@ -124,11 +129,35 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("prepare", "inprocess"), ("degrade", "inprocess"), ("data", "inprocess"),
     ("sensitivity", "inprocess"), ("collect", "inprocess"), ("svd", "inprocess"),
     ("select", "inprocess"), ("evaluate", "inprocess"), ("train", "ray"),
-    ("fit", "inprocess"),
+    ("train-streamed", "ray"), ("fit", "inprocess"),
 )
-COMPARED = ("prepare", "degrade", "sensitivity", "collect", "evaluate", "train", "fit")
+COMPARED = ("prepare", "degrade", "sensitivity", "collect", "evaluate", "train",
+            "train-streamed", "fit")
 #: the "fit" step: the train stage again with this training-free method, in-process
 FIT = {"method": "eora"}
+#: steps that run the train stage again with these train settings (not stages of their own)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "train-streamed": {"engine": {"frozen_weights": "streamed"}},
+    "fit": FIT,
+}
+#: the steps that are Ray Train runs, measured per worker
+TRAINED = ("train", "train-streamed")
+
+
+def with_variant(cfg: dict[str, Any], step: str) -> dict[str, Any]:
+    """A copy of the run config ``cfg`` with ``step``'s train settings (:data:`VARIANTS`)."""
+    out = json.loads(json.dumps(cfg))
+    for key, value in VARIANTS.get(step, {}).items():
+        if isinstance(value, dict):
+            out["train"].setdefault(key, {}).update(value)
+        else:
+            out["train"][key] = value
+    return out
+
+
+def stage_steps(steps: list[str]) -> list[str]:
+    """The pipeline stages among ``steps`` (a variant re-runs train)."""
+    return [s for s in steps if s not in VARIANTS]
 #: Ray's own start-up limit (30 s, not configurable) can pass on a loaded machine; such an
 #: attempt ran no stage, so it is repeated
 RAY_START_FAILURE = "The current node timed out during startup"
@@ -308,7 +337,8 @@ class StageRun:
                       key=lambda p: -p.hwm)
 
     def stage_task(self) -> ProcPeak | None:
-        found = [p for p in self.procs.values() if p.has(f"recoup:{self.stage}")]
+        name = "train" if self.stage in VARIANTS else self.stage
+        found = [p for p in self.procs.values() if p.has(f"recoup:{name}")]
         return max(found, key=lambda p: p.hwm) if found else None
 
 
@@ -423,7 +453,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, source: Path, shape: Sha
                data_dir: Path) -> dict[str, Any]:
     return {
         "run": {"dir": str(run_dir), "data_dir": str(data_dir), "device": "cpu",
-                "pipeline": [s for s, _ in STEPS if s != "fit"]},
+                "pipeline": stage_steps([s for s, _ in STEPS])},
         "cluster": {"mode": "inprocess", "num_cpus": args.workers + 2},
         "prepare": {"source": str(source), "dtype": "float32"},
         "degrade": {"method": "magnitude", "sparsity": 0.5},
@@ -460,14 +490,13 @@ def plan_figures(cfg_path: Path) -> tuple[Any, dict[str, Any]]:
     return shape, {e.stage: e for e in plan_stages(cfg, shape, Hardware())}
 
 
-def fit_plan(cfg: dict[str, Any], path: Path) -> Any:
-    """``recoup plan``'s train estimate for ``cfg`` with :data:`FIT`'s training-free method
-    (the "fit" step), its config written to ``path``."""
+def variant_plan(cfg: dict[str, Any], step: str, path: Path) -> Any:
+    """``recoup plan``'s train estimate for ``cfg`` with ``step``'s train settings
+    (:data:`VARIANTS`: "fit" the training-free method, "train-streamed" the streamed base),
+    its config written to ``path``."""
     import yaml
 
-    fit_cfg = json.loads(json.dumps(cfg))
-    fit_cfg["train"].update(FIT)
-    path.write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(with_variant(cfg, step), sort_keys=False))
     return plan_figures(path)[1]["train"]
 
 
@@ -476,25 +505,25 @@ def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     dev, host = est.device_bytes or 0, est.host_bytes or 0
     overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes,
                # its host rows are the hidden states the "device" (the CPU) keeps
-               "sensitivity": host}.get(stage, 0)
+               "sensitivity": host,
+               # the module read on the host is the one the "device" holds
+               "train-streamed": host}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 
 def run_stages(cfg: dict[str, Any], configs: Path, log: Path, interval: float,
-               env: dict[str, str], *, fit: bool) -> dict[str, StageRun]:
-    """One measured ``recoup run`` per stage of :data:`STEPS`, each adding its stage to the
-    pipeline of the one before (whose stages it reuses); "fit" (when ``fit``) runs train
-    again with :data:`FIT`'s training-free method."""
+               env: dict[str, str], *, skip: tuple[str, ...] = ()) -> dict[str, StageRun]:
+    """One measured ``recoup run`` per step of :data:`STEPS` but ``skip``, each adding its
+    stage to the pipeline of the one before (whose stages it reuses); a variant step
+    (:data:`VARIANTS`) runs train again with its settings."""
     import yaml
 
     runs: dict[str, StageRun] = {}
     run_dir = Path(cfg["run"]["dir"])
-    steps = [(s, m) for s, m in STEPS if s != "fit" or fit]
+    steps = [(s, m) for s, m in STEPS if s not in skip]
     for i, (stage, mode) in enumerate(steps):
-        step_cfg = json.loads(json.dumps(cfg))
-        step_cfg["run"]["pipeline"] = [s for s, _ in steps[: i + 1] if s != "fit"]
-        if stage == "fit":
-            step_cfg["train"].update(FIT)
+        step_cfg = with_variant(cfg, stage)
+        step_cfg["run"]["pipeline"] = stage_steps([s for s, _ in steps[: i + 1]])
         step_cfg["cluster"]["mode"] = mode
         path = configs / f"{i}-{stage}.yaml"
         path.write_text(yaml.safe_dump(step_cfg, sort_keys=False))
@@ -511,7 +540,7 @@ def run_stages(cfg: dict[str, Any], configs: Path, log: Path, interval: float,
                   "again", flush=True)
         if rc != 0:
             tail = output[-3000:]
-            stage_log = run_dir / "logs" / f"{stage}.log"
+            stage_log = run_dir / "logs" / f"{'train' if stage in VARIANTS else stage}.log"
             if stage_log.is_file():
                 tail += f"\n--- {stage_log}\n" + stage_log.read_text(errors="replace")[-3000:]
             raise SystemExit(f"recoup run failed at {stage} (exit {rc}):\n{tail}")
@@ -524,7 +553,7 @@ def run_stages(cfg: dict[str, Any], configs: Path, log: Path, interval: float,
         runs[stage] = StageRun(stage=stage, seconds=seconds, root=root, procs=mon.procs,
                                tree_anon=mon.tree_anon)
         extra = ""
-        if stage == "train":
+        if stage in TRAINED:
             extra = "; Train workers: " + ", ".join(
                 f"pid {p.pid} {gbs(p.hwm)} GB" for p in runs[stage].workers())
         print(f"{stage}: {seconds:.0f} s, recoup run process peak {gbs(root.hwm)} GB{extra}",
@@ -549,21 +578,23 @@ def verdict(net: float, predicted: float) -> str:
 
 
 def report(runs: dict[str, StageRun], plan: dict[str, Any], shape: Any,
-           idle: dict[str, dict[str, int]], model_bytes: int) -> dict[str, float]:
-    head = (f"{'stage':<9} {'process':<22} {'peak RSS':>9} {'anon':>7} {'file':>7} "
+           idle: dict[str, dict[str, int]], model_bytes: int) -> dict[str, dict[str, float]]:
+    """The measured-vs-planned table; returns per training step (:data:`TRAINED`) its
+    largest worker's peak over the model's bytes: raw, net of the idle worker, anon."""
+    head = (f"{'stage':<14} {'process':<22} {'peak RSS':>9} {'anon':>7} {'file':>7} "
             f"{'net RSS':>8} {'net anon':>8} {'plan':>7} {'net/plan':>8}  verdict")
     print("\nGB = 1e9 bytes; peak RSS = VmHWM; net = peak less the idle process of the same "
           "kind; plan = device + host as held on the CPU")
     print(head)
     print("-" * len(head))
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for stage in COMPARED:
         run = runs.get(stage)
         if run is None:
             continue
         est = plan.get(stage)
         predicted = cpu_prediction(stage, est, shape) if est is not None else 0
-        if stage == "train":
+        if stage in TRAINED:
             base = idle["worker"]
             rows = [(f"Ray Train worker {i + 1}", p) for i, p in enumerate(run.workers())]
         else:
@@ -572,24 +603,24 @@ def report(runs: dict[str, StageRun], plan: dict[str, Any], shape: Any,
         for name, p in rows:
             net, net_anon = p.hwm - base["VmHWM"], p.anon - base["RssAnon"]
             ratio = f"{net / predicted:8.2f}" if predicted else f"{'-':>8}"
-            print(f"{stage:<9} {name:<22} {gbs(p.hwm):>9} {gbs(p.anon):>7} {gbs(p.file):>7} "
+            print(f"{stage:<14} {name:<22} {gbs(p.hwm):>9} {gbs(p.anon):>7} {gbs(p.file):>7} "
                   f"{gbs(net):>8} {gbs(net_anon):>8} {gbs(predicted):>7} {ratio}  "
                   f"{verdict(net, predicted)}"
                   + (f"; anon only: {verdict(net_anon, predicted)}"
                      if abs(net / max(predicted, 1) - 1) > OFF_LIMIT else ""))
-        if stage == "train":
+        if stage in TRAINED:
             task = run.stage_task()
             if task is not None:
-                print(f"{'':<9} {'stage task (Ray)':<22} {gbs(task.hwm):>9} "
+                print(f"{'':<14} {'stage task (Ray)':<22} {gbs(task.hwm):>9} "
                       f"{gbs(task.anon):>7} {gbs(task.file):>7}   (reads the inputs, starts "
                       "Ray Train; no plan figure)")
-            print(f"{'':<9} {'whole process tree':<22} {'':>9} {gbs(run.tree_anon):>7}"
+            print(f"{'':<14} {'whole process tree':<22} {'':>9} {gbs(run.tree_anon):>7}"
                   f" {'':>7}   (largest sum of anon memory at one moment: driver, Ray, "
                   "workers)")
             workers = run.workers()
             if workers:
                 top = workers[0]
-                out = {"raw": top.hwm / model_bytes,
+                out[stage] = {"raw": top.hwm / model_bytes,
                        "net": (top.hwm - base["VmHWM"]) / model_bytes,
                        "net_anon": (top.anon - base["RssAnon"]) / model_bytes,
                        "workers": len(workers)}
@@ -627,6 +658,9 @@ def _args() -> argparse.Namespace:
                    "the CPU, can be measured here too: not yet at the default size)")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="train.engine.activation_checkpointing false (default true)")
+    p.add_argument("--no-streamed", action="store_true",
+                   help="leave out the step that trains again with the frozen base streamed "
+                   "from its checkpoint (train.engine.frozen_weights: streamed)")
     p.add_argument("--no-fit", action="store_true",
                    help="leave out the last step, train again with the training-free "
                    f"method {FIT['method']!r} in-process (its fit and save)")
@@ -706,10 +740,14 @@ def main() -> None:
             print(f"warning: the plan counts {plan_shape.params} parameters, the model has "
                   f"{params}")
 
-        if not args.no_fit:
-            plan["fit"] = fit_plan(cfg, configs / "fit.yaml")
+        skip = tuple(step for step, off in (
+            ("fit", args.no_fit),
+            ("train-streamed", args.no_streamed or args.no_checkpointing)) if off)
+        for step in ("train-streamed", "fit"):
+            if step not in skip:
+                plan[step] = variant_plan(cfg, step, configs / f"{step}.yaml")
         runs = run_stages(cfg, configs, work / "recoup-run.log", args.interval, env,
-                          fit=not args.no_fit)
+                          skip=skip)
 
         ratios = report(runs, plan, plan_shape, idle, model_bytes)
         print(f"\nmodel bytes (float32): {model_bytes:,} = {model_bytes / GB:.3f} GB; total "
@@ -719,15 +757,20 @@ def main() -> None:
         if not ratios:
             raise SystemExit("no Ray Train worker was seen: is Ray Train's process title "
                              "still 'ray::RayTrainWorker...'?")
-        print(f"train peak per worker / model bytes ({ratios['workers']:.0f} workers, goal "
-              f"<= {GOAL}): raw RSS {ratios['raw']:.3f}; less the idle worker's RSS "
-              f"{ratios['net']:.3f}; anon less the idle worker's anon {ratios['net_anon']:.3f}")
-        if args.precision == "bf16":  # the workers hold bf16 weights: half the bytes above
-            print(f"  the same over the model's bf16 bytes ({model_bytes / 2 / GB:.3f} GB, what "
-                  f"the workers partition): raw {2 * ratios['raw']:.3f}, net "
-                  f"{2 * ratios['net']:.3f}")
-        print(f"train_peak_per_worker_over_model_net_of_imports: {ratios['net']:.4f}")
-        print(f"train_peak_per_worker_over_model: {ratios['raw']:.4f}")
+        for step, r in ratios.items():
+            how = {"train": "frozen base resident, ZeRO-3 partitioned",
+                   "train-streamed": "frozen base streamed from its checkpoint"}[step]
+            print(f"{step} ({how}): peak per worker / model bytes ({r['workers']:.0f} workers,"
+                  f" goal <= {GOAL}): raw RSS {r['raw']:.3f}; less the idle worker's RSS "
+                  f"{r['net']:.3f}; anon less the idle worker's anon {r['net_anon']:.3f}")
+            if args.precision == "bf16":  # the workers hold bf16 weights: half the bytes
+                print(f"  the same over the model's bf16 bytes ({model_bytes / 2 / GB:.3f} GB):"
+                      f" raw {2 * r['raw']:.3f}, net {2 * r['net']:.3f}")
+        if "train" in ratios:
+            print(f"train_peak_per_worker_over_model_partitioned: {ratios['train']['raw']:.4f}")
+        best = ratios.get("train-streamed", ratios.get("train"))
+        print(f"train_peak_per_worker_over_model_net_of_imports: {best['net']:.4f}")
+        print(f"train_peak_per_worker_over_model: {best['raw']:.4f}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

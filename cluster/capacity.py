@@ -93,18 +93,27 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
     ``checkpointing``: activation checkpointing of the decoder blocks.
 
     Under ZeRO-3 the base is built partitioned (no whole-model load peak): a worker holds
-    its 1/world share and the blocks gathered for the running forward or backward."""
+    its 1/world share and the blocks gathered for the running forward or backward. Streamed
+    (``eng.frozen_weights``): no share at all, one block and the LM head read from the
+    checkpoint (:mod:`recoup.stages.model.streamed`)."""
     card = shape.card
     item = 2 if use_bf16(eng, "cuda") else FP32
     parts: dict[str, int] = {}
     frozen = shape.params * item
-    if eng.zero_stage == 3 and eng.offload_params:
+    streamed = eng.frozen_weights == "streamed"
+    if streamed:
+        # read from the checkpoint around each module's call: a checkpointed block's
+        # recompute holds its weights until its backward is done, and the LM head's weight
+        # is kept from the end of the forward into the backward (not at once; both counted)
+        parts["streamed frozen weights: one block + the LM head"] = (
+            shape.block_params + card.vocab * card.hidden) * item
+    elif eng.zero_stage == 3 and eng.offload_params:
         parts["frozen weights (offloaded to CPU)"] = 0
     elif eng.zero_stage == 3:
         parts["frozen weights / world size (ZeRO-3)"] = math.ceil(frozen / world_size)
     else:
         parts["frozen weights (ZeRO-2 keeps them whole)"] = frozen
-    if eng.zero_stage == 3:
+    if eng.zero_stage == 3 and not streamed:
         # the live limit (recoup.cluster.engine.zero3_live_limits) holds two blocks; the
         # LM head is gathered whole for its call and stays gathered from the end of the
         # forward into the backward, where it is used again at once (measured:
@@ -166,11 +175,15 @@ def teacher_pass_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *,
     """Device bytes of one worker's teacher pass, which runs before the student is built
     (:mod:`recoup.stages.recovery.teacher`): the dense model as training would hold it, one
     gathered unit at a time under ZeRO-3 (a block or the embeddings / LM head), one
-    micro-batch's forward and its logits turned into top-``top_k``."""
+    micro-batch's forward and its logits turned into top-``top_k``. Streamed
+    (``frozen_weights``): one module's weights at a time, read from the checkpoint."""
     card = shape.card
     item = 2 if use_bf16(eng, "cuda") else FP32
     parts: dict[str, int] = {}
-    if eng.zero_stage == 3:
+    if eng.frozen_weights == "streamed":
+        parts["one module's weights (streamed)"] = max(
+            [card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears]) * item
+    elif eng.zero_stage == 3:
         parts["dense weights / world size (ZeRO-3)"] = math.ceil(shape.params * item / world_size)
         parts["one gathered block (ZeRO-3)"] = max(shape.block_params,
                                                    card.vocab * card.hidden) * item

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.config import ADDED_FIELD, StrictModel
 
 _NEVER_PRINT = 2**31 - 1
 """DeepSpeed's ``steps_per_print``: recoup logs steps itself (log.jsonl and a bar)."""
@@ -34,6 +34,17 @@ class EngineConfig(StrictModel):
     )
     offload_params: bool = Field(
         False, description="ZeRO-3 only: keep the partitioned parameters on the CPU."
+    )
+    frozen_weights: Literal["resident", "streamed"] = Field(
+        "resident",
+        description="Where the frozen base lives while it trains. 'resident': in memory "
+        "(ZeRO-3 partitions it over the workers, ZeRO-2 keeps it whole on each). 'streamed': "
+        "it stays in its checkpoint files and each decoder block reads its weights when the "
+        "forward (and the backward's recompute) reaches it, so a worker holds about one "
+        "block and the LM head whatever the model's size (a 70B run fits one GPU), for "
+        "reading the model twice per micro-batch (from the page cache when the host has room "
+        "for it). Needs activation checkpointing, which it turns on under 'auto'.",
+        json_schema_extra=ADDED_FIELD,
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto': bf16 on GPU, fp32 on CPU (gloo)."
@@ -76,6 +87,10 @@ class EngineConfig(StrictModel):
     def _check(self) -> EngineConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
+        if self.frozen_weights == "streamed" and self.activation_checkpointing is False:
+            raise ValueError("frozen_weights 'streamed' needs activation_checkpointing (true "
+                             "or 'auto'): without it the backward keeps every block's "
+                             "weights, the whole model")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         return self
@@ -89,10 +104,11 @@ def use_bf16(cfg: EngineConfig, device_type: str) -> bool:
 
 
 def use_checkpointing(cfg: EngineConfig, device_type: str) -> bool:
-    """Activation checkpointing when asked, or on GPU under 'auto' (memory is what a GPU
-    lacks; tiny CPU runs would only pay the recompute)."""
+    """Activation checkpointing when asked, or under 'auto' on GPU (memory is what a GPU
+    lacks; tiny CPU runs would only pay the recompute) and with streamed frozen weights
+    (which need it)."""
     if cfg.activation_checkpointing == "auto":
-        return device_type == "cuda"
+        return device_type == "cuda" or cfg.frozen_weights == "streamed"
     return bool(cfg.activation_checkpointing)
 
 

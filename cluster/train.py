@@ -163,8 +163,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from recoup.cluster.progress import bar as progress_bar
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    out_dir = Path(config["out_dir"])
-    ckpt_dir = out_dir / CHECKPOINTS
+    out_dir, ckpt_dir = Path(config["out_dir"]), Path(config["out_dir"]) / CHECKPOINTS
     torch.manual_seed(engine_cfg.seed)  # the same trainable init on every rank
     bf16 = use_bf16(engine_cfg, device.type)
     ds_config = deepspeed_config(engine_cfg, world_size=world, bf16=bf16)
@@ -173,7 +172,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         zero_init=ds_config if engine_cfg.zero_stage == 3 else None,
         activation_checkpointing=use_checkpointing(engine_cfg, device.type),
         micro_batch=engine_cfg.micro_batch, work_dir=out_dir, job_key=config["fingerprint"],
-        compute_dtype=torch.bfloat16 if bf16 else None)
+        compute_dtype=torch.bfloat16 if bf16 else None,
+        streamed=engine_cfg.frozen_weights == "streamed")
     task: TrainTask = config["make_task"](config["task_spec"], setup)
     if setup.zero_init is not None:
         match_zero_init(task.module, setup.compute_dtype)

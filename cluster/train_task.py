@@ -52,9 +52,12 @@ class WorkerSetup:
     build the same modules in the same order. None: ZeRO 0-2, the model is loaded whole.
     ``work_dir``: a folder of the job that survives a resume, for files the task computes
     once (a teacher's top-k); ``job_key`` identifies the job they belong to.
-    ``compute_dtype``: the dtype the engine computes in (bf16 when the engine runs bf16;
-    None: the model's own), for passes the task runs outside the engine (a teacher pass),
-    so they cost what the engine's forward costs.
+    ``streamed``: the frozen base stays in its checkpoint files, read block by block as it
+    runs (``train.engine.frozen_weights: streamed``, :mod:`recoup.stages.model.streamed`);
+    ``zero_init`` then applies to the trainable parameters only (DeepSpeed partitions
+    them itself). ``compute_dtype``: the dtype the engine computes in (bf16 when the
+    engine runs bf16; None: the model's own), for passes the task runs outside the engine
+    (a teacher pass), so they cost what the engine's forward costs.
     """
 
     device: torch.device
@@ -67,6 +70,7 @@ class WorkerSetup:
     work_dir: Path | None = None
     job_key: str = ""
     compute_dtype: torch.dtype | None = None
+    streamed: bool = False
 
     @classmethod
     def local(cls, device: torch.device | str) -> WorkerSetup:

@@ -380,8 +380,10 @@ def estimate_train(inp: EstimateInputs) -> StageEstimate:
                      "(train.loss.teacher_top_k > 0 computes its top-k before training)")
     fits = dev <= hw.usable
     if not fits:
-        notes.append(f"{w} workers are too few: train.engine.workers >= {least}"
-                     if least else "does not fit at any world size")
+        streamed = "" if eng.frozen_weights == "streamed" else \
+            "; or train.engine.frozen_weights: streamed (one block resident)"
+        notes.append((f"{w} workers are too few: train.engine.workers >= {least}"
+                      if least else "does not fit at any world size") + streamed)
     note = placement_note(hw, worker_group(w, gpus=1, cpus=eng.cpus_per_worker))
     if note:
         notes.append(note)

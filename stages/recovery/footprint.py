@@ -107,16 +107,19 @@ def train_host_bytes(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
     """Host bytes of one worker and what they are. ZeRO-3: rank 0 reads one module's
     tensors at a time (the largest: the embeddings or LM head, or a linear), plus the
     offloaded shares and the chosen heads' V the job carries; ZeRO 0-2: the whole model,
-    loaded on the host before it moves to the GPU. The exact KL's resident teacher adds a
-    whole model loaded through the host."""
+    loaded on the host before it moves to the GPU; streamed: one module's tensors. The
+    exact KL's resident teacher adds a whole model loaded through the host."""
     card, eng = shape.card, cfg.engine
     v_bytes = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
         else 0
     if teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
         v_bytes += shape.weights_bytes
+    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
+    if eng.frozen_weights == "streamed":
+        return (largest * shape.itemsize + v_bytes,
+                "streamed base: one module's tensors read from the checkpoint at a time")
     if eng.zero_stage != 3:
         return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
-    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
     host = largest * shape.itemsize + v_bytes
     what = "partitioned load: rank 0 reads one module's tensors at a time"
     item = 2 if use_bf16(eng, "cuda") else FP32

@@ -172,12 +172,16 @@ def lora_base_weights(model: nn.Module) -> dict[str, Tensor]:
     return {f"{name}.weight": m.get_base_layer().weight for name, m in lora_layers(model).items()}
 
 
-def mask_lora(model: nn.Module, masks_file: Path | None) -> int:
+def mask_lora(model: nn.Module, masks_file: Path | None,
+              weights: Mapping[str, Tensor] | None = None) -> int:
     """Run every LoRA layer of the peft-wrapped ``model`` under its keep mask
     (:func:`keep_masks`); returns how many layers were masked. A layer whose mask keeps
-    every weight stays plain LoRA (same result, no (out, in) matrix per forward)."""
+    every weight stays plain LoRA (same result, no (out, in) matrix per forward).
+    ``weights``: the adapted linears' base weights by plain parameter name, when the
+    model does not hold them (a streamed base: read one at a time from the checkpoint,
+    :class:`recoup.stages.model.streamed.CheckpointTensors`)."""
     variant = _peft_lora_variant()()
-    masks = keep_masks(masks_file, lora_base_weights(model))
+    masks = keep_masks(masks_file, lora_base_weights(model) if weights is None else weights)
     masked = 0
     for name, module in lora_layers(model).items():
         keep = masks[f"{name}.weight"]

@@ -29,10 +29,16 @@ from recoup.cluster.train_task import WorkerSetup
 from recoup.orchestrator.store import atomic_write_json, commit_path, tmp_path_for
 from recoup.stages.model import modelio
 from recoup.stages.model.partitioned import full_numel, load_partitioned, place_unpartitioned
+from recoup.stages.model.streamed import (
+    CheckpointTensors,
+    StreamedWeights,
+    real_rotary,
+    streamed_model,
+)
 from recoup.stages.recovery.batching import collate, topk_of
 from recoup.stages.recovery.job import TrainJob
 from recoup.stages.recovery.losses import recovery_loss
-from recoup.stages.recovery.masked_lora import zero3_leaves
+from recoup.stages.recovery.masked_lora import lora_base_weights, mask_lora, zero3_leaves
 from recoup.stages.recovery.methods import get_method
 from recoup.stages.recovery.recovery_model import RecoveryModel
 from recoup.stages.recovery.teacher import TopKStore, cache_teacher
@@ -58,10 +64,13 @@ def build_model(job: TrainJob, where: WorkerSetup | torch.device | str,
     and (with saved parameters loaded) the trained model.
 
     ``where``: a training worker's setup (under ZeRO-3 the frozen base is built partitioned
-    and only the parts the method adds are ordinary parameters; activation checkpointing of
-    the base's blocks when asked), or a bare device for a whole model in one process.
+    and only the parts the method adds are ordinary parameters; with ``streamed`` it is not
+    held at all but read block by block, :func:`_build_streamed`; activation checkpointing
+    of the base's blocks when asked), or a bare device for a whole model in one process.
     """
     setup = _as_setup(where)
+    if setup.streamed:
+        return _build_streamed(job, setup)
     method = get_method(job.method)
     if setup.zero_init is not None:
         base = load_partitioned(job.degraded_dir, setup.zero_init)
@@ -69,17 +78,48 @@ def build_model(job: TrainJob, where: WorkerSetup | torch.device | str,
         base = modelio.load_model(job.degraded_dir, modelio.DTYPES[job.dtype], str(setup.device))
     base.requires_grad_(False)
     if setup.activation_checkpointing:
-        # non-reentrant: gradients reach adapters and compensation inside a block whose
-        # input needs none (the frozen embeddings'); transformers < 5.24 has the old name
-        enable = getattr(base, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_blocks(base)
     base_params = sum(full_numel(p) for p in base.parameters())
-    gen = torch.Generator().manual_seed(int(torch.initial_seed()) % (2**63))
-    return place_unpartitioned(method.build(base, job, gen), setup.device), base_params
+    return place_unpartitioned(method.build(base, job, _generator()), setup.device), base_params
+
+
+def _generator() -> torch.Generator:
+    """The trainable init's generator, seeded from torch's seed (the engine's, per run)."""
+    return torch.Generator().manual_seed(int(torch.initial_seed()) % (2**63))
+
+
+def _checkpoint_blocks(base: nn.Module) -> None:
+    """Activation checkpointing of the decoder blocks, non-reentrant: gradients reach
+    adapters and compensation inside a block whose input needs none (the frozen
+    embeddings'); transformers < 5.24 has the old name."""
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _build_streamed(job: TrainJob, setup: WorkerSetup) -> tuple[RecoveryModel, int]:
+    """:func:`build_model` with the frozen base left in its checkpoint
+    (:mod:`recoup.stages.model.streamed`): the method is built on a weightless stand-in of
+    the degraded model (its adapters and compensation are real), the keep masks are read
+    from the checkpoint one adapted linear at a time, and then every frozen parameter is
+    taken off the module and read around its block's call. The blocks are always
+    checkpointed (the backward would keep every block's weights otherwise)."""
+    dtype = setup.compute_dtype or modelio.DTYPES[job.dtype]
+    base = modelio.weightless_model(job.degraded_dir, dtype)
+    real_rotary(base, "cpu")
+    base_params = sum(p.numel() for p in base.parameters())
+    masked = job.lora is not None and job.lora.masked
+    plain = replace(job, lora=replace(job.lora, masked=False)) if job.lora and masked else job
+    module = get_method(job.method).build(base, plain, _generator())
+    if masked:  # the stand-ins' zeros are no mask: the checkpoint's weights are
+        mask_lora(module.base, job.masks_file,
+                  CheckpointTensors(job.degraded_dir, lora_base_weights(module.base)))
+    module.streamed = StreamedWeights(module.base, job.degraded_dir, device=setup.device,
+                                      dtype=dtype)
+    _checkpoint_blocks(base)
+    return module.to(setup.device), base_params
 
 
 def summary_of(job: TrainJob, trainable_params: int, base_params: int) -> dict[str, Any]:
@@ -122,8 +162,10 @@ class RecoveryTask:
         self.trainable_params, _ = count_parameters(self.module)
         self.teacher = None
         if job.loss.resident_teacher:  # the exact KL: the whole dense model beside
-            self.teacher = modelio.load_model(job.dense_dir, modelio.DTYPES[job.dtype],
-                                              str(setup.device))
+            dtype = setup.compute_dtype if setup.streamed and setup.compute_dtype \
+                else modelio.DTYPES[job.dtype]
+            self.teacher = streamed_model(job.dense_dir, dtype, setup.device) \
+                if setup.streamed else modelio.load_model(job.dense_dir, dtype, str(setup.device))
             self.teacher.requires_grad_(False)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ from recoup.cluster.train_task import WorkerSetup
 from recoup.orchestrator.store import atomic_path
 from recoup.stages.model import modelio
 from recoup.stages.model.partitioned import gathered_forward, load_partitioned
+from recoup.stages.model.streamed import streamed_model
 from recoup.stages.recovery.batching import Encoded, collate, pad_topk
 from recoup.stages.recovery.job import TrainJob
 from recoup.stages.recovery.losses import TeacherTopK, teacher_topk
@@ -147,6 +148,8 @@ def _all_ranks_agree(flag: bool, setup: WorkerSetup) -> bool:
 
 
 def _load_teacher(job: TrainJob, setup: WorkerSetup) -> Any:
+    if setup.streamed:  # one block at a time, read from the checkpoint
+        return streamed_model(job.dense_dir, teacher_dtype(job, setup), setup.device)
     if setup.zero_init is not None:  # in the engine's precision (zero_init_dtype)
         return load_partitioned(job.dense_dir, setup.zero_init)
     return modelio.load_model(job.dense_dir, teacher_dtype(job, setup), str(setup.device))

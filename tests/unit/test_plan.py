@@ -316,3 +316,24 @@ def test_a_training_free_method_is_planned_as_its_fit() -> None:
     assert est.device_bytes - off["train"].device_bytes == pytest.approx(
         states * (1 - cfg.train.closed_form.micro_batch / 64))
     assert off["train"].host_bytes - est.host_bytes == states
+
+
+def test_a_streamed_base_trains_70b_on_one_gpu(c70: RunConfig) -> None:
+    """train.engine.frozen_weights streamed: no share of the base on any worker, one block
+    and the LM head read from the checkpoint; the host reads one module at a time."""
+    shape = resolve_model(c70)
+    card = shape.card
+    cfg = cfg_of("llama-70b", "train.engine.frozen_weights=streamed")
+    heads = heads_of(cfg, shape)
+    parts = train_parts(shape, cfg.train, 8, heads=heads)
+    assert parts["streamed frozen weights: one block + the LM head"] == 2 * (
+        shape.block_params + card.vocab * card.hidden)
+    assert not any("ZeRO-3" in k and "trainable" not in k for k in parts)
+    assert min_world_size(shape, cfg.train, H80.usable, heads=heads) == 1
+    assert min_world_size(shape, c70.train, H80.usable, heads=heads) > 1  # resident: 3
+    est = _plan(cfg)["train"]
+    assert est.fits and est.gpus_min == 1
+    # the largest module: the embeddings (32000 x 8192, bf16), plus the chosen heads' V
+    v_bytes = heads * card.d_head * card.d_head * 4
+    assert est.host_bytes == 32000 * 8192 * 2 + v_bytes
+    assert any("streamed base" in n for n in est.notes)
