@@ -17,8 +17,9 @@ dense model's cached top-k, DeepSpeed ZeRO-3 on ``--workers`` Ray Train workers,
 steps, in float32; ``--precision bf16`` trains as a GPU run does, bf16 partitions and
 teacher pass, and the plan's figures follow the setting), then "train-streamed": the same
 training with the frozen base streamed from its checkpoint (``train.engine.frozen_weights:
-streamed``: no partition, each module's weights read when it runs; ``--no-streamed`` leaves
-it out), then "fit": train once more with
+streamed``: no partition, each module's weights read when it runs, with glibc's mmap
+threshold at 256 KiB, ``--streamed-mmap-threshold``; ``--no-streamed`` leaves it out),
+then "fit": train once more with
 the training-free ``eora`` on the same layers, in-process (the fit reads both models one
 block at a time, its float64 covariances and eigendecompositions; the save builds no
 model; ``--no-fit`` leaves it out). Every stage but train runs with
@@ -142,11 +143,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 #: the steps that are Ray Train runs, measured per worker
 TRAINED = ("train", "train-streamed")
+#: glibc's mmap threshold of the streamed step (``cluster.mmap_threshold``; recoup's default
+#: is 1 MiB): a streamed worker holds so little that the heap's freed sub-MiB tensors
+#: (activations, a batch's rows) were a quarter of its net peak at 1.5 GB; what a CPU run
+#: short of host memory sets (``--streamed-mmap-threshold``)
+STREAMED_MMAP_THRESHOLD = 256 << 10
+#: cluster settings of a variant step (set from the command line in main)
+VARIANT_CLUSTER: dict[str, dict[str, Any]] = {
+    "train-streamed": {"mmap_threshold": STREAMED_MMAP_THRESHOLD}}
 
 
 def with_variant(cfg: dict[str, Any], step: str) -> dict[str, Any]:
     """A copy of the run config ``cfg`` with ``step``'s train settings (:data:`VARIANTS`)."""
     out = json.loads(json.dumps(cfg))
+    out["cluster"].update(VARIANT_CLUSTER.get(step, {}))
     for key, value in VARIANTS.get(step, {}).items():
         if isinstance(value, dict):
             out["train"].setdefault(key, {}).update(value)
@@ -661,6 +671,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--no-streamed", action="store_true",
                    help="leave out the step that trains again with the frozen base streamed "
                    "from its checkpoint (train.engine.frozen_weights: streamed)")
+    p.add_argument("--streamed-mmap-threshold", type=int, default=STREAMED_MMAP_THRESHOLD,
+                   metavar="BYTES", help="cluster.mmap_threshold of the streamed step "
+                   "(default 262144; recoup's own default is 1048576)")
     p.add_argument("--no-fit", action="store_true",
                    help="leave out the last step, train again with the training-free "
                    f"method {FIT['method']!r} in-process (its fit and save)")
@@ -740,6 +753,7 @@ def main() -> None:
             print(f"warning: the plan counts {plan_shape.params} parameters, the model has "
                   f"{params}")
 
+        VARIANT_CLUSTER["train-streamed"]["mmap_threshold"] = args.streamed_mmap_threshold
         skip = tuple(step for step, off in (
             ("fit", args.no_fit),
             ("train-streamed", args.no_streamed or args.no_checkpointing)) if off)
@@ -759,7 +773,8 @@ def main() -> None:
                              "still 'ray::RayTrainWorker...'?")
         for step, r in ratios.items():
             how = {"train": "frozen base resident, ZeRO-3 partitioned",
-                   "train-streamed": "frozen base streamed from its checkpoint"}[step]
+                   "train-streamed": "frozen base streamed from its checkpoint, mmap "
+                   f"threshold {args.streamed_mmap_threshold}"}[step]
             print(f"{step} ({how}): peak per worker / model bytes ({r['workers']:.0f} workers,"
                   f" goal <= {GOAL}): raw RSS {r['raw']:.3f}; less the idle worker's RSS "
                   f"{r['net']:.3f}; anon less the idle worker's anon {r['net_anon']:.3f}")

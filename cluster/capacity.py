@@ -22,6 +22,16 @@ ADAM_BYTES_PER_PARAM = 16
 """Mixed-precision Adam per trainable parameter: 16-bit weight and gradient (2 + 2), fp32
 master weight and two fp32 moments (4 + 4 + 4), as in the ZeRO paper."""
 MAX_WORLD_SIZE = 4096
+STREAMED_ROW_CHUNK_BYTES = 32 << 20
+"""Bytes of LM-head rows a streamed base reads at once, as stored
+(:mod:`recoup.stages.model.streamed` reads this, so the plan and the reader agree)."""
+
+
+def streamed_head_chunk_bytes(shape: ModelShape, itemsize: int) -> int:
+    """Device bytes of one chunk of LM-head rows of a streamed base, in ``itemsize``."""
+    card = shape.card
+    rows = min(card.vocab, max(1, STREAMED_ROW_CHUNK_BYTES // (card.hidden * shape.itemsize)))
+    return rows * card.hidden * itemsize
 """Largest training world size :func:`min_world_size` tries."""
 
 
@@ -94,7 +104,7 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
 
     Under ZeRO-3 the base is built partitioned (no whole-model load peak): a worker holds
     its 1/world share and the blocks gathered for the running forward or backward. Streamed
-    (``eng.frozen_weights``): no share at all, one block and the LM head read from the
+    (``eng.frozen_weights``): no share at all, one block and LM-head rows read from the
     checkpoint (:mod:`recoup.stages.model.streamed`)."""
     card = shape.card
     item = 2 if use_bf16(eng, "cuda") else FP32
@@ -103,10 +113,10 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
     streamed = eng.frozen_weights == "streamed"
     if streamed:
         # read from the checkpoint around each module's call: a checkpointed block's
-        # recompute holds its weights until its backward is done, and the LM head's weight
-        # is kept from the end of the forward into the backward (not at once; both counted)
-        parts["streamed frozen weights: one block + the LM head"] = (
-            shape.block_params + card.vocab * card.hidden) * item
+        # recompute holds its weights until its backward is done; the LM head reads a chunk
+        # of its rows at a time (not at once; both counted)
+        parts["streamed frozen weights: one block + a chunk of LM head rows"] = (
+            shape.block_params * item + streamed_head_chunk_bytes(shape, item))
     elif eng.zero_stage == 3 and eng.offload_params:
         parts["frozen weights (offloaded to CPU)"] = 0
     elif eng.zero_stage == 3:
@@ -182,7 +192,8 @@ def teacher_pass_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *,
     parts: dict[str, int] = {}
     if eng.frozen_weights == "streamed":
         parts["one module's weights (streamed)"] = max(
-            [card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears]) * item
+            [o * i * item for _, o, i in shape.block_linears]
+            + [streamed_head_chunk_bytes(shape, item)])
     elif eng.zero_stage == 3:
         parts["dense weights / world size (ZeRO-3)"] = math.ceil(shape.params * item / world_size)
         parts["one gathered block (ZeRO-3)"] = max(shape.block_params,

@@ -19,8 +19,11 @@ lets them go when it returns:
   has what the backward needs, cutting a module's call short before its release: so each
   read first drops whatever an earlier call left loaded, and at most one module's weights
   outlive their call.)
-- the LM head's weight is kept by the graph from the end of the forward to the start of
-  the backward, the embeddings only for the lookup (they get no gradient).
+- the embeddings and the LM head (``by_rows``), the two largest tensors, are never read
+  whole: the lookup reads the rows of the batch's tokens, and the head computes its
+  logits a chunk of vocabulary rows at a time, in the forward and again in the backward
+  (:class:`_ChunkedLinear`), so the graph keeps none of its weight while the loss's
+  vocabulary-wide tensors are live.
 
 A worker then holds about one block, the LM head and the activations, whatever the model's
 size, at the price of reading the model twice per micro-batch (from the page cache when the
@@ -47,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recoup.cluster.capacity import STREAMED_ROW_CHUNK_BYTES
 from recoup.stages.model import layout
 from recoup.stages.model.partitioned import checkpoint_files
 
@@ -104,6 +108,79 @@ def read_unmapped(stored: Mapping[str, Path], names: Iterable[str],
     return out
 
 
+
+
+class RowReader:
+    """Rows of one stored 2-D tensor (vocabulary x hidden), read with ``read`` without the
+    rest: an embedding lookup reads its tokens' rows, the LM head a chunk at a time."""
+
+    def __init__(self, stored: Mapping[str, Path], key: str,
+                 headers: dict[Path, tuple[int, dict[str, Any]]]):
+        self.path = stored[key]
+        if self.path not in headers:
+            headers[self.path] = _header(self.path)
+        start, header = headers[self.path]
+        info = header[key]
+        self.dtype = _DTYPES[info["dtype"]]
+        self.rows, self.cols = info["shape"]
+        self.row_bytes = self.cols * self.dtype.itemsize
+        self.offset = start + info["data_offsets"][0]
+        #: rows per chunk of the LM head (at least one)
+        self.chunk = max(1, STREAMED_ROW_CHUNK_BYTES // self.row_bytes)
+
+    def span(self, first: int, stop: int) -> Tensor:
+        """Rows ``first:stop`` (stop - first, cols) on the CPU, as stored."""
+        raw = torch.empty((stop - first) * self.row_bytes, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + first * self.row_bytes)
+            _read_exact(f, memoryview(raw.numpy()))
+        return raw.view(self.dtype).reshape(stop - first, self.cols)
+
+    def take(self, ids: Tensor) -> Tensor:
+        """The rows of ``ids`` (any shape) -> (*ids.shape, cols), each distinct row read
+        once."""
+        unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        out = torch.empty(len(unique), self.cols, dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            for j, i in enumerate(unique.tolist()):
+                if not 0 <= i < self.rows:
+                    raise IndexError(f"token id {i} is outside the vocabulary of {self.rows}")
+                f.seek(self.offset + i * self.row_bytes)
+                _read_exact(f, memoryview(out[j].view(torch.uint8).numpy()))
+        return out[inverse.to(out.device)]  # (*ids.shape, cols)
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen ``W`` read a chunk of rows at a time (:class:`RowReader`),
+    in the forward and again in the backward: the graph keeps nothing of ``W``, and no
+    more than one chunk of it is in memory."""
+
+    @staticmethod
+    def forward(x: Tensor, rows: RowReader, device: torch.device,  # type: ignore[override]
+                dtype: torch.dtype) -> Tensor:
+        out = x.new_empty(*x.shape[:-1], rows.rows)  # (..., V)
+        for a in range(0, rows.rows, rows.chunk):
+            b = min(a + rows.chunk, rows.rows)
+            w = rows.span(a, b).to(device=device, dtype=dtype)  # (chunk, H)
+            out[..., a:b] = x @ w.T
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, ctx.rows, ctx.device, ctx.dtype = inputs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        rows = ctx.rows
+        grad_x = None
+        for a in range(0, rows.rows, rows.chunk):
+            b = min(a + rows.chunk, rows.rows)
+            w = rows.span(a, b).to(device=ctx.device, dtype=ctx.dtype)  # (chunk, H)
+            part = grad[..., a:b] @ w  # (..., H)
+            grad_x = part if grad_x is None else grad_x + part
+        return grad_x, None, None, None
+
+
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint's name of a parameter of a (possibly PEFT-wrapped) model."""
     return param_name.removeprefix(_PEFT_PREFIX).replace(_BASE_LAYER, "")
@@ -122,16 +199,18 @@ class _Slot:
 class StreamedWeights:
     """The frozen parameters of ``model`` taken off it and read from ``folder``'s checkpoint
     around each call of the module that owns them (module docstring), onto ``device`` in
-    ``dtype`` (floating tensors; others as stored). :meth:`remove` puts nothing back: the
-    module is built for this."""
+    ``dtype`` (floating tensors; others as stored). ``by_rows``: embeddings and linears
+    (the LM head) whose weight is read a few rows at a time instead (:class:`RowReader`).
+    :meth:`remove` puts nothing back: the module is built for this."""
 
     def __init__(self, model: nn.Module, folder: Path, *, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, by_rows: Iterable[nn.Module] = ()):
         self.folder = folder
         self.device = device
         self.dtype = dtype
         self.stored = checkpoint_files(folder)
-        self.reads = 0  # module reads so far (a block recomputed in backward reads again)
+        self.reads = 0  # module reads so far (a block recomputed in backward reads again;
+        # the modules read by rows not counted)
         aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             if not p.requires_grad:
@@ -143,6 +222,7 @@ class StreamedWeights:
                 raise ValueError(f"{folder}: the checkpoint has no tensor for the frozen "
                                  f"parameter {names[0]}")
             key_of[pid] = found[0]
+        rowwise = {id(m) for m in by_rows}
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._loaded: list[_Slot] = []  # slots holding their weights now
         self.slots: dict[int, list[_Slot]] = {}
@@ -158,6 +238,9 @@ class StreamedWeights:
                 del unit._parameters[s.attr]
                 setattr(unit, s.attr, s.placeholder)
             self.slots[id(unit)] = slots
+            if id(unit) in rowwise:
+                self._by_rows(unit, slots)
+                continue
             self._handles.append(unit.register_forward_pre_hook(self._load))
             self._handles.append(unit.register_forward_hook(self._release))
         nested = [n for n, m in model.named_modules() if id(m) in self.slots
@@ -184,6 +267,20 @@ class StreamedWeights:
 
     def _release(self, _unit: nn.Module, _args: Any, _out: Any) -> None:
         self.release_all()
+
+    def _by_rows(self, unit: nn.Module, slots: list[_Slot]) -> None:
+        """Give ``unit`` (an embedding, or a linear without bias) a forward that reads its
+        weight by rows from the checkpoint."""
+        if len(slots) != 1 or slots[0].attr != "weight":
+            raise ValueError(f"{type(unit).__name__}: only a weight (no bias) is read by rows")
+        rows = RowReader(self.stored, slots[0].key, self._headers)
+        device, dtype = self.device, slots[0].placeholder.dtype
+        if isinstance(unit, nn.Embedding):
+            unit.forward = lambda ids: rows.take(ids).to(device=device, dtype=dtype)
+        elif isinstance(unit, nn.Linear):
+            unit.forward = lambda x: _ChunkedLinear.apply(x, rows, device, dtype)
+        else:
+            raise ValueError(f"{type(unit).__name__} cannot be read by rows")
 
     def release_all(self) -> None:
         """Drop the weights any module holds now (after a backward whose recompute stopped
@@ -215,7 +312,9 @@ def streamed_model(folder: Path, dtype: torch.dtype, device: torch.device | str)
 
     model = weightless_model(folder, dtype)
     real_rotary(model, device)
-    model.streamed = StreamedWeights(model, folder, device=torch.device(device), dtype=dtype)
+    model.streamed = StreamedWeights(
+        model, folder, device=torch.device(device), dtype=dtype,
+        by_rows=[model.get_input_embeddings(), model.get_output_embeddings()])
     return model.eval()
 
 

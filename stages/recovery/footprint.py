@@ -115,9 +115,11 @@ def train_host_bytes(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
     if teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
         v_bytes += shape.weights_bytes
     largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
-    if eng.frozen_weights == "streamed":
+    if eng.frozen_weights == "streamed":  # the reads land on the host first
+        largest = max([o * i for _, o, i in shape.block_linears]
+                      + [capacity.streamed_head_chunk_bytes(shape, 1)])
         return (largest * shape.itemsize + v_bytes,
-                "streamed base: one module's tensors read from the checkpoint at a time")
+                "streamed base: one module's tensors (or rows) read at a time")
     if eng.zero_stage != 3:
         return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
     host = largest * shape.itemsize + v_bytes

@@ -116,8 +116,10 @@ def _build_streamed(job: TrainJob, setup: WorkerSetup) -> tuple[RecoveryModel, i
     if masked:  # the stand-ins' zeros are no mask: the checkpoint's weights are
         mask_lora(module.base, job.masks_file,
                   CheckpointTensors(job.degraded_dir, lora_base_weights(module.base)))
-    module.streamed = StreamedWeights(module.base, job.degraded_dir, device=setup.device,
-                                      dtype=dtype)
+    # the embeddings and the LM head, the largest tensors, read by rows
+    module.streamed = StreamedWeights(
+        module.base, job.degraded_dir, device=setup.device, dtype=dtype,
+        by_rows=[base.get_input_embeddings(), base.get_output_embeddings()])
     _checkpoint_blocks(base)
     return module.to(setup.device), base_params
 
