@@ -95,12 +95,13 @@ class LoraShape:
 
 def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, tokens: int,
                       heads: int, lora: LoraShape | None, teacher_top_k: int | None,
-                      checkpointing: bool) -> dict[str, int]:
+                      checkpointing: bool, kl_chunk_tokens: int = 0) -> dict[str, int]:
     """Device bytes of one training worker (one GPU) under ``eng``'s ZeRO stage, for
     micro-batches of ``tokens`` tokens; ``heads`` compensated heads (0: none), ``lora``
     adapters (None: none); ``teacher_top_k``: None without a KL, 0 for the exact KL (the
     dense model whole beside the student), k for the KL on the teacher's cached top-k;
-    ``checkpointing``: activation checkpointing of the decoder blocks.
+    ``checkpointing``: activation checkpointing of the decoder blocks; ``kl_chunk_tokens``:
+    the top-k KL's chunk (``train.loss.chunk_tokens``; 0: the micro-batch at once).
 
     Under ZeRO-3 the base is built partitioned (no whole-model load peak): a worker holds
     its 1/world share and the blocks gathered for the running forward or backward. Streamed
@@ -167,12 +168,21 @@ def zero_worker_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *, 
     else:
         parts["activations for backward (all layers)"] = tokens * (
             card.layers * layer + extra_per_token)
-    parts["logits (16-bit, float32 log-softmax and its grad)"] = tokens * card.vocab * (
-        item + 2 * FP32)
+    chunked = teacher_top_k and 0 < kl_chunk_tokens < tokens
+    if chunked:
+        # the logits and their gradient whole; the KL's float32 tensors (the student's
+        # log-softmax, its tail, their gradients) for one chunk of tokens at a time
+        parts["logits and their gradient (16-bit)"] = tokens * card.vocab * 2 * item
+        parts[f"KL on the teacher's top-{teacher_top_k}, {kl_chunk_tokens} tokens at a time"] = (
+            tokens * (teacher_top_k * (8 + FP32) + FP32)
+            + kl_chunk_tokens * card.vocab * 4 * FP32)
+    else:
+        parts["logits (16-bit, float32 log-softmax and its grad)"] = tokens * card.vocab * (
+            item + 2 * FP32)
     if teacher_top_k == 0:
         parts["teacher: dense model, whole on every worker"] = shape.weights_bytes
         parts["teacher logits"] = tokens * card.vocab * (item + FP32)
-    elif teacher_top_k:
+    elif teacher_top_k and not chunked:
         # ids as int64 for the gather, log-probs, tail; the student's float32 copy without
         # the top-k for its tail mass
         parts[f"KL on the teacher's top-{teacher_top_k} (its rows, the student's tail)"] = (

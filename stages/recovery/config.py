@@ -16,11 +16,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from recoup.orchestrator.config import StrictModel
+from recoup.orchestrator.config import ADDED_FIELD, StrictModel
 from recoup.stages.lcc.compensation import DEFAULT_INIT_STD
 from recoup.stages.model.layout import LINEAR_TARGETS
 from recoup.stages.recovery.eora import EIG_RTOL
 from recoup.stages.recovery.job import (
+    DEFAULT_CHUNK_TOKENS,
     DEFAULT_TEACHER_TOP_K,
     LccInit,
     LccSpec,
@@ -56,6 +57,13 @@ class LossConfig(StrictModel):
         "all",
         description="Positions the KL averages over: 'all' real tokens, or 'response' only.",
     )
+    chunk_tokens: int = Field(
+        DEFAULT_CHUNK_TOKENS, ge=0,
+        description="The top-k KL over about this many tokens at a time, each chunk "
+        "recomputed in the backward: its vocabulary-wide float32 tensors (several times the "
+        "logits) live for one chunk instead of the micro-batch. 0: the whole micro-batch.",
+        json_schema_extra=ADDED_FIELD,
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> LossConfig:
@@ -66,7 +74,7 @@ class LossConfig(StrictModel):
     def spec(self) -> LossSpec:
         return LossSpec(ce_weight=self.ce_weight, kl_weight=self.kl_weight,
                         temperature=self.temperature, kl_on=self.kl_on,
-                        teacher_top_k=self.teacher_top_k)
+                        teacher_top_k=self.teacher_top_k, chunk_tokens=self.chunk_tokens)
 
 
 class LccConfig(StrictModel):

@@ -75,7 +75,8 @@ def train_parts(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
             rank=lora.rank, targets=tuple(lora.targets),
             masked=lora.merge == "masked") if method.uses_lora else None,
         teacher_top_k=teacher_top_k(cfg),
-        checkpointing=use_checkpointing(cfg.engine, "cuda"))
+        checkpointing=use_checkpointing(cfg.engine, "cuda"),
+        kl_chunk_tokens=cfg.loss.chunk_tokens)
 
 
 def teacher_pass_parts(shape: ModelShape, cfg: TrainSettings,

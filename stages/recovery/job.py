@@ -26,6 +26,10 @@ next-token distribution puts nearly all of its mass on far fewer than 64 of its 
 tokens, and 64 x 8 bytes per token keeps the file of 2048 samples x 512 tokens near half a
 GB."""
 
+DEFAULT_CHUNK_TOKENS = 64
+"""Tokens per chunk of the top-k KL (``train.loss.chunk_tokens``): 64 x a 32k vocabulary in
+float32 is 8 MB per vocabulary-wide tensor."""
+
 #: Where the compensation starts (see ``train.lcc.init``).
 LccInit = Literal["normal", "lost_component", "closed_form"]
 
@@ -41,6 +45,8 @@ class LossSpec:
     temperature: float
     kl_on: KlPositions
     teacher_top_k: int = DEFAULT_TEACHER_TOP_K
+    #: tokens per chunk of the top-k KL (0: the whole micro-batch at once)
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     @property
     def cached_teacher(self) -> bool:

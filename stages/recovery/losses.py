@@ -122,8 +122,28 @@ def _plogp(logp: Tensor) -> Tensor:
     return torch.where(p > 0, p * logp, torch.zeros_like(p))
 
 
+def _topk_tail_kl_sum(ids: Tensor, logprobs: Tensor, tail: Tensor, student_logits: Tensor,
+                      position_mask: Tensor, temperature: float) -> Tensor:
+    """The sum over the masked positions of :func:`topk_tail_kl`'s per-position KL (not
+    scaled): ``ids``, ``logprobs`` (B, T, K), ``tail`` (B, T), ``student_logits`` (B, T, V),
+    ``position_mask`` (B, T)."""
+    s = student_logits.float()  # (B, T, V)
+    if temperature != 1.0:  # (at 1 no copy: the vocabulary-wide tensors are the peak)
+        s = s / temperature
+    lse = torch.logsumexp(s, dim=-1)  # (B, T)
+    log_q = s.gather(-1, ids) - lse[..., None]  # (B, T, K)
+    # the student's tail: the top-k pushed to the float32 minimum (not -inf, whose gradient
+    # through logsumexp is NaN when k is the whole vocabulary)
+    rest = s.scatter(-1, ids, torch.finfo(s.dtype).min)  # (B, T, V)
+    log_q_tail = torch.logsumexp(rest, dim=-1) - lse  # (B, T)
+    logp, tail = logprobs.detach().float(), tail.detach().float()
+    kl = (_plogp(logp) - logp.exp() * log_q).sum(-1)  # (B, T)
+    kl = kl + _plogp(tail) - tail.exp() * log_q_tail  # (B, T)
+    return (kl * position_mask).sum()
+
+
 def topk_tail_kl(teacher: TeacherTopK, student_logits: Tensor, position_mask: Tensor,
-                 temperature: float = 1.0) -> Tensor:
+                 temperature: float = 1.0, *, chunk_tokens: int = 0) -> Tensor:
     """:func:`distill_kl` against a teacher kept as its top-k plus one tail bucket.
 
     ``KL(p || q) ~= sum_{i in topk} p_i (log p_i - log q_i) + p_tail (log p_tail - log
@@ -132,23 +152,29 @@ def topk_tail_kl(teacher: TeacherTopK, student_logits: Tensor, position_mask: Te
     above it otherwise (coarsening cannot increase a KL), so small k underestimates the
     distance only by the teacher's spread inside its tail. ``student_logits`` (B, T, V),
     ``position_mask`` (B, T) bool; scaled by ``T^2`` like :func:`distill_kl`.
+
+    ``chunk_tokens`` > 0 (with gradients on): computed over about that many tokens of
+    positions at a time, each chunk checkpointed (recomputed in the backward), so its
+    vocabulary-wide float32 tensors (the student's log-softmax, its tail, their gradients:
+    several times the logits) live for one chunk, not the micro-batch; the same value.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     n = position_mask.sum()
     if int(n) == 0:
         raise ValueError("no positions to distil on in the batch")
-    s = student_logits.float() / temperature  # (B, T, V)
-    lse = torch.logsumexp(s, dim=-1)  # (B, T)
-    log_q = s.gather(-1, teacher.ids) - lse[..., None]  # (B, T, K)
-    # the student's tail: the top-k pushed to the float32 minimum (not -inf, whose gradient
-    # through logsumexp is NaN when k is the whole vocabulary)
-    rest = s.scatter(-1, teacher.ids, torch.finfo(s.dtype).min)  # (B, T, V)
-    log_q_tail = torch.logsumexp(rest, dim=-1) - lse  # (B, T)
-    logp, tail = teacher.logprobs.detach().float(), teacher.tail.detach().float()
-    kl = (_plogp(logp) - logp.exp() * log_q).sum(-1)  # (B, T)
-    kl = kl + _plogp(tail) - tail.exp() * log_q_tail  # (B, T)
-    return temperature**2 * (kl * position_mask).sum() / n
+    parts = (teacher.ids, teacher.logprobs, teacher.tail, student_logits, position_mask)
+    B, T = position_mask.shape
+    step = max(1, chunk_tokens // B) if chunk_tokens > 0 else T
+    if step >= T or not torch.is_grad_enabled():
+        total = _topk_tail_kl_sum(*parts, temperature)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        total = sum(checkpoint(_topk_tail_kl_sum, *(t[:, a:a + step] for t in parts),
+                               temperature, use_reentrant=False)
+                    for a in range(0, T, step))
+    return temperature**2 * total / n
 
 
 def weighted_sum(terms: dict[str, tuple[float, Tensor | None]]) -> Tensor:
@@ -169,7 +195,7 @@ def weighted_sum(terms: dict[str, tuple[float, Tensor | None]]) -> Tensor:
 def recovery_loss(
     logits: Tensor, ids: Tensor, target_mask: Tensor, attention_mask: Tensor,
     teacher: Tensor | TeacherTopK | None, *, ce_weight: float, kl_weight: float,
-    temperature: float = 1.0, kl_on: KlPositions = "all",
+    temperature: float = 1.0, kl_on: KlPositions = "all", chunk_tokens: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
     """``ce_weight * CE + kl_weight * KL`` of one micro-batch and its parts (for logging).
 
@@ -178,7 +204,7 @@ def recovery_loss(
     or its top-k per position (:class:`TeacherTopK`, :func:`topk_tail_kl`); None when
     ``kl_weight`` is 0. ``kl_on``: the positions the KL
     averages over, ``all`` real tokens or those that predict a ``response`` token;
-    ``temperature`` as in :func:`distill_kl`.
+    ``temperature`` as in :func:`distill_kl`; ``chunk_tokens`` as in :func:`topk_tail_kl`.
     """
     ce = kl = None
     if ce_weight:
@@ -192,7 +218,8 @@ def recovery_loss(
             positions = torch.zeros_like(target_mask)
             positions[:, :-1] = target_mask[:, 1:]
         if isinstance(teacher, TeacherTopK):
-            kl = topk_tail_kl(teacher, logits, positions, temperature)
+            kl = topk_tail_kl(teacher, logits, positions, temperature,
+                              chunk_tokens=chunk_tokens)
         else:
             kl = distill_kl(teacher, logits, positions, temperature)
     total = weighted_sum({"ce": (ce_weight, ce), "kl": (kl_weight, kl)})

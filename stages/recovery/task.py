@@ -200,7 +200,7 @@ class RecoveryTask:
         loss, parts = recovery_loss(logits, batch["input_ids"], batch["target_mask"],
                                     batch["attention_mask"], teacher, ce_weight=spec.ce_weight,
                                     kl_weight=spec.kl_weight, temperature=spec.temperature,
-                                    kl_on=spec.kl_on)
+                                    kl_on=spec.kl_on, chunk_tokens=spec.chunk_tokens)
         return loss, parts, int(batch["attention_mask"].sum())
 
     def save(self, folder: Path) -> dict[str, Any]:

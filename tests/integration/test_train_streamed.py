@@ -4,7 +4,8 @@ The degraded model's frozen weights stay in its checkpoint and every module read
 when it runs (:mod:`recoup.stages.model.streamed`). On the tiny random Llama of
 ``test_train_zero3_partitioned`` (prepare and degrade through the real runner):
 
-- the file reader returns the stored tensors exactly, without mapping the file;
+- the file reader returns the stored tensors exactly, without mapping the file, and the
+  rows the embeddings and the chunked LM head read are the stored rows;
 - a streamed model is the resident one: the module holds only what trains, logits and
   gradients equal (masked LoRA with keep masks read from the checkpoint, compensation),
   each block is read again by the backward's recompute, nothing stays loaded after;
@@ -27,7 +28,12 @@ from recoup.cluster.train_state import LOG, read_log
 from recoup.cluster.train_task import WorkerSetup
 from recoup.stages.model import layout, modelio
 from recoup.stages.model.partitioned import checkpoint_files
-from recoup.stages.model.streamed import read_unmapped, streamed_model
+from recoup.stages.model.streamed import (
+    RowReader,
+    _ChunkedLinear,
+    read_unmapped,
+    streamed_model,
+)
 from recoup.stages.recovery.batching import collate
 from recoup.stages.recovery.masked_lora import KEEP_BUFFER, lora_layers
 from recoup.stages.recovery.task import build_model, count_parameters
@@ -48,6 +54,28 @@ def test_the_reader_returns_the_stored_tensors(upstream: Path) -> None:
     assert got.keys() == want.keys()
     for name, t in want.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_rows_read_by_token_and_by_chunk_are_the_stored_ones(upstream: Path) -> None:
+    """The embedding lookup's rows and the chunked LM head (forward and backward, chunks
+    smaller than the vocabulary, the last one short) against the stored matrices."""
+    folder = upstream / "degrade" / "model"
+    stored = checkpoint_files(folder)
+    weights = load_file(str(next(iter(stored.values()))))
+    embed = RowReader(stored, "model.embed_tokens.weight", {})
+    ids = torch.tensor([[5, 3, 5, 200], [0, 3, 258, 7]])
+    assert torch.equal(embed.take(ids), weights["model.embed_tokens.weight"][ids])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        embed.take(torch.tensor([embed.rows]))
+    head = RowReader(stored, "lm_head.weight", {})
+    head.chunk = 50  # 259 rows: five full chunks and a short one
+    W = weights["lm_head.weight"]
+    x = torch.randn(2, 3, W.shape[1], requires_grad=True)
+    out = _ChunkedLinear.apply(x, head, CPU, torch.float32)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(out, x @ W.T)
+    torch.testing.assert_close(grad, g @ W)
 
 
 def test_a_streamed_model_is_the_resident_one(upstream: Path) -> None:

@@ -92,3 +92,21 @@ def test_recovery_loss_takes_a_topk_teacher(logits: tuple[torch.Tensor, ...]) ->
                                 kl_weight=2.0)
     assert float(loss) == pytest.approx(2 * float(topk_tail_kl(top, student, positions)))
     assert parts["kl"] == pytest.approx(float(loss) / 2)
+
+
+@pytest.mark.parametrize(("chunk", "temperature"), [(2, 1.0), (4, 2.0), (6, 1.0)])
+def test_the_kl_in_chunks_is_the_kl_at_once(logits: tuple[torch.Tensor, ...], chunk: int,
+                                            temperature: float) -> None:
+    """``chunk_tokens`` (positions of chunk // B tokens each, checkpointed, the last one
+    short) changes memory, not the value or its gradient."""
+    teacher, student, positions = logits
+    top = teacher_topk(teacher, 7, temperature)
+    values, grads = [], []
+    for chunk_tokens in (0, chunk):
+        x = student.clone().requires_grad_(True)
+        kl = topk_tail_kl(top, x, positions, temperature, chunk_tokens=chunk_tokens)
+        (g,) = torch.autograd.grad(kl, x)
+        values.append(kl.detach())
+        grads.append(g)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
