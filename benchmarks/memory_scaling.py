@@ -51,7 +51,9 @@ they are counted once: evaluate = device (one model + one batch), collect = devi
 degrade = host + device less one block, sensitivity = device (its host rows are the
 hidden states), prepare = host, fit = device + host (the fitted factors), train = device + host
 (rank 0's read buffer of one module beside its partition, gathered blocks and the
-prefetch's all-gather buffer). The plan leaves out the interpreter and its libraries, so
+prefetch's all-gather buffer; the DeepSpeed engine's own host memory, a constant),
+train-streamed = device + host less the read buffer (the module read is the one held).
+The plan leaves out the interpreter and its libraries, so
 the measured figure set against it is the peak less the RSS of an idle process of the
 same kind, measured in the same run: for the in-process stages, a Python process that
 imported the runner, every stage, transformers' Llama and safetensors (for the fit, peft
@@ -512,12 +514,14 @@ def variant_plan(cfg: dict[str, Any], step: str, path: Path) -> Any:
 
 def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
     """Device + host bytes of one worker, each tensor counted once (module docstring)."""
+    from recoup.cluster.capacity import streamed_read_bytes
+
     dev, host = est.device_bytes or 0, est.host_bytes or 0
     overlap = {"evaluate": shape.weights_bytes, "degrade": shape.block_bytes,
                # its host rows are the hidden states the "device" (the CPU) keeps
                "sensitivity": host,
                # the module read on the host is the one the "device" holds
-               "train-streamed": host}.get(stage, 0)
+               "train-streamed": streamed_read_bytes(shape)}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 

@@ -27,6 +27,21 @@ STREAMED_ROW_CHUNK_BYTES = 32 << 20
 (:mod:`recoup.stages.model.streamed` reads this, so the plan and the reader agree)."""
 
 
+DEEPSPEED_ENGINE_HOST_BYTES = 70 * 10**6
+"""Host memory a DeepSpeed engine holds whatever it trains: ``deepspeed.initialize`` of a
+one-layer module on the CPU (ZeRO-3, gloo, DeepSpeed 0.19, torch 2.13) took 60 MB of RSS
+and 66 MB after two steps, for 42 KB and for 4 MB of parameters alike
+(``benchmarks/memory_scaling.py`` measured the train workers above the plan by about that
+much, in both the partitioned and the streamed mode)."""
+
+
+def streamed_read_bytes(shape: ModelShape) -> int:
+    """Host bytes of the largest read of a streamed base, as stored: a block's widest
+    linear, or one chunk of LM-head rows."""
+    return max([o * i * shape.itemsize for _, o, i in shape.block_linears]
+               + [streamed_head_chunk_bytes(shape, shape.itemsize)])
+
+
 def streamed_head_chunk_bytes(shape: ModelShape, itemsize: int) -> int:
     """Device bytes of one chunk of LM-head rows of a streamed base, in ``itemsize``."""
     card = shape.card

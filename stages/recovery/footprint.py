@@ -109,22 +109,25 @@ def train_host_bytes(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
     tensors at a time (the largest: the embeddings or LM head, or a linear), plus the
     offloaded shares and the chosen heads' V the job carries; ZeRO 0-2: the whole model,
     loaded on the host before it moves to the GPU; streamed: one module's tensors. The
-    exact KL's resident teacher adds a whole model loaded through the host."""
+    exact KL's resident teacher adds a whole model loaded through the host; the DeepSpeed
+    engine's own host memory comes on top in every case
+    (:data:`~recoup.cluster.capacity.DEEPSPEED_ENGINE_HOST_BYTES`)."""
     card, eng = shape.card, cfg.engine
     v_bytes = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
         else 0
     if teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
         v_bytes += shape.weights_bytes
+    v_bytes += capacity.DEEPSPEED_ENGINE_HOST_BYTES  # the engine's own, whatever it trains
     largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
     if eng.frozen_weights == "streamed":  # the reads land on the host first
-        largest = max([o * i for _, o, i in shape.block_linears]
-                      + [capacity.streamed_head_chunk_bytes(shape, 1)])
-        return (largest * shape.itemsize + v_bytes,
-                "streamed base: one module's tensors (or rows) read at a time")
+        return (capacity.streamed_read_bytes(shape) + v_bytes,
+                "streamed base: one module's tensors (or rows) read at a time, and the "
+                "DeepSpeed engine")
     if eng.zero_stage != 3:
         return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
     host = largest * shape.itemsize + v_bytes
-    what = "partitioned load: rank 0 reads one module's tensors at a time"
+    what = "partitioned load: rank 0 reads one module's tensors at a time, and the DeepSpeed " \
+        "engine"
     item = 2 if use_bf16(eng, "cuda") else FP32
     if eng.offload_params:
         host += math.ceil(shape.params * item / world_size)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from recoup.cluster.capacity import DEEPSPEED_ENGINE_HOST_BYTES
 from recoup.orchestrator.config import load_config
 from recoup.orchestrator.estimate import GB, Hardware, StageEstimate, chosen_count
 from recoup.orchestrator.plan import plan_stages, resolve_model
@@ -45,7 +46,14 @@ def test_the_cached_teacher_adds_its_rows_a_pass_before_training_and_a_file() ->
     shape = resolve_model(cfg)
     parts = train_parts(shape, cfg.train, 8, heads=heads_of(cfg))
     tokens = cfg.train.engine.micro_batch * cfg.train.max_seq_len
-    # int64 ids + float32 log-probs per kept token, the tail, the student's float32 tail copy
+    # int64 ids + float32 log-probs per kept token, the tail; the student's float32
+    # log-softmax, its tail and their gradients for 64 tokens at a time (chunk_tokens)
+    assert parts["KL on the teacher's top-32, 64 tokens at a time"] == tokens * (
+        32 * 12 + 4) + 64 * 32000 * 4 * 4
+    assert parts["logits and their gradient (16-bit)"] == tokens * 32000 * 2 * 2
+    whole = cfg_of("llama-70b", "train.loss.kl_weight=1", "train.loss.teacher_top_k=32",
+                   "train.loss.chunk_tokens=0")
+    parts = train_parts(shape, whole.train, 8, heads=heads_of(cfg))
     assert parts["KL on the teacher's top-32 (its rows, the student's tail)"] == tokens * (
         32 * 12 + 4 + 32000 * 4)
     assert not any("teacher: dense model" in k for k in parts)
@@ -87,6 +95,7 @@ def test_host_memory_while_loading(zero_stage: int) -> None:
     est = train_estimate(cfg)
     if zero_stage == 2:  # loaded whole on the host, then moved to the GPU
         assert est.host_bytes is not None and est.host_bytes >= shape.weights_bytes
-    else:  # rank 0 reads one module at a time: the embeddings are the largest
+    else:  # rank 0 reads one module at a time: the embeddings are the largest; and the
+        # DeepSpeed engine's own host memory
         v = heads_of(cfg) * 128 * 128 * 4
-        assert est.host_bytes == 32000 * 5120 * 2 + v
+        assert est.host_bytes == 32000 * 5120 * 2 + v + DEEPSPEED_ENGINE_HOST_BYTES
