@@ -108,8 +108,6 @@ def read_unmapped(stored: Mapping[str, Path], names: Iterable[str],
     return out
 
 
-
-
 class RowReader:
     """Rows of one stored 2-D tensor (vocabulary x hidden), read with ``read`` without the
     rest: an embedding lookup reads its tokens' rows, the LM head a chunk at a time."""
@@ -201,7 +199,7 @@ class StreamedWeights:
     around each call of the module that owns them (module docstring), onto ``device`` in
     ``dtype`` (floating tensors; others as stored). ``by_rows``: embeddings and linears
     (the LM head) whose weight is read a few rows at a time instead (:class:`RowReader`).
-    :meth:`remove` puts nothing back: the module is built for this."""
+    The module is built for this: nothing is put back."""
 
     def __init__(self, model: nn.Module, folder: Path, *, device: torch.device,
                  dtype: torch.dtype, by_rows: Iterable[nn.Module] = ()):
@@ -226,7 +224,6 @@ class StreamedWeights:
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._loaded: list[_Slot] = []  # slots holding their weights now
         self.slots: dict[int, list[_Slot]] = {}
-        self._handles: list[Any] = []
         for unit in list(model.modules()):  # each module with frozen weights of its own
             slots = [_Slot(unit, attr, key_of[id(p)],
                            torch.empty(p.shape, dtype=self._dtype_for(p), device="meta"))
@@ -241,8 +238,8 @@ class StreamedWeights:
             if id(unit) in rowwise:
                 self._by_rows(unit, slots)
                 continue
-            self._handles.append(unit.register_forward_pre_hook(self._load))
-            self._handles.append(unit.register_forward_hook(self._release))
+            unit.register_forward_pre_hook(self._load)
+            unit.register_forward_hook(self._release)
         nested = [n for n, m in model.named_modules() if id(m) in self.slots
                   and any(id(c) in self.slots for c in m.modules() if c is not m)]
         if nested:  # a read drops every other module's weights: calls must not nest
@@ -288,12 +285,6 @@ class StreamedWeights:
         for s in self._loaded:
             setattr(s.owner, s.attr, s.placeholder)
         self._loaded = []
-
-    def remove(self) -> None:
-        """Take the hooks off (the module then cannot run)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def real_rotary(model: nn.Module, device: torch.device | str) -> None:

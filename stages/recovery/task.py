@@ -41,7 +41,7 @@ from recoup.stages.recovery.losses import recovery_loss
 from recoup.stages.recovery.masked_lora import lora_base_weights, mask_lora, zero3_leaves
 from recoup.stages.recovery.methods import get_method
 from recoup.stages.recovery.recovery_model import RecoveryModel
-from recoup.stages.recovery.teacher import TopKStore, cache_teacher
+from recoup.stages.recovery.teacher import TopKStore, cache_teacher, teacher_dtype
 
 SUMMARY_FILE = "recovery.json"
 
@@ -163,11 +163,14 @@ class RecoveryTask:
         self.module.train()
         self.trainable_params, _ = count_parameters(self.module)
         self.teacher = None
-        if job.loss.resident_teacher:  # the exact KL: the whole dense model beside
-            dtype = setup.compute_dtype if setup.streamed and setup.compute_dtype \
-                else modelio.DTYPES[job.dtype]
-            self.teacher = streamed_model(job.dense_dir, dtype, setup.device) \
-                if setup.streamed else modelio.load_model(job.dense_dir, dtype, str(setup.device))
+        if job.loss.resident_teacher:  # the exact KL: the dense model beside, whole, or
+            # streamed like the student (in the engine's dtype, as the student's reads)
+            if setup.streamed:
+                self.teacher = streamed_model(job.dense_dir, teacher_dtype(job, setup),
+                                              setup.device)
+            else:
+                self.teacher = modelio.load_model(job.dense_dir, modelio.DTYPES[job.dtype],
+                                                  str(setup.device))
             self.teacher.requires_grad_(False)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
