@@ -521,7 +521,7 @@ def cpu_prediction(stage: str, est: Any, shape: Any) -> int:
                # its host rows are the hidden states the "device" (the CPU) keeps
                "sensitivity": host,
                # the module read on the host is the one the "device" holds
-               "train-streamed": streamed_read_bytes(shape)}.get(stage, 0)
+               "train-streamed": streamed_read_bytes(shape, shape.itemsize)}.get(stage, 0)
     return dev + host - min(overlap, dev, host)
 
 

@@ -22,6 +22,7 @@ ADAM_BYTES_PER_PARAM = 16
 """Mixed-precision Adam per trainable parameter: 16-bit weight and gradient (2 + 2), fp32
 master weight and two fp32 moments (4 + 4 + 4), as in the ZeRO paper."""
 MAX_WORLD_SIZE = 4096
+"""Largest training world size :func:`min_world_size` tries."""
 STREAMED_ROW_CHUNK_BYTES = 32 << 20
 """Bytes of LM-head rows a streamed base reads at once, as stored
 (:mod:`recoup.stages.model.streamed` reads this, so the plan and the reader agree)."""
@@ -35,11 +36,11 @@ and 66 MB after two steps, for 42 KB and for 4 MB of parameters alike
 much, in both the partitioned and the streamed mode)."""
 
 
-def streamed_read_bytes(shape: ModelShape) -> int:
-    """Host bytes of the largest read of a streamed base, as stored: a block's widest
+def streamed_read_bytes(shape: ModelShape, itemsize: int) -> int:
+    """Bytes of the largest read of a streamed base in ``itemsize``: a block's widest
     linear, or one chunk of LM-head rows."""
-    return max([o * i * shape.itemsize for _, o, i in shape.block_linears]
-               + [streamed_head_chunk_bytes(shape, shape.itemsize)])
+    return max([o * i * itemsize for _, o, i in shape.block_linears]
+               + [streamed_head_chunk_bytes(shape, itemsize)])
 
 
 def streamed_head_chunk_bytes(shape: ModelShape, itemsize: int) -> int:
@@ -47,7 +48,6 @@ def streamed_head_chunk_bytes(shape: ModelShape, itemsize: int) -> int:
     card = shape.card
     rows = min(card.vocab, max(1, STREAMED_ROW_CHUNK_BYTES // (card.hidden * shape.itemsize)))
     return rows * card.hidden * itemsize
-"""Largest training world size :func:`min_world_size` tries."""
 
 
 def train_token_layer_bytes(card: ModelCard, itemsize: int) -> int:
@@ -216,9 +216,7 @@ def teacher_pass_parts(shape: ModelShape, eng: EngineConfig, world_size: int, *,
     item = 2 if use_bf16(eng, "cuda") else FP32
     parts: dict[str, int] = {}
     if eng.frozen_weights == "streamed":
-        parts["one module's weights (streamed)"] = max(
-            [o * i * item for _, o, i in shape.block_linears]
-            + [streamed_head_chunk_bytes(shape, item)])
+        parts["one module's weights (streamed)"] = streamed_read_bytes(shape, item)
     elif eng.zero_stage == 3:
         parts["dense weights / world size (ZeRO-3)"] = math.ceil(shape.params * item / world_size)
         parts["one gathered block (ZeRO-3)"] = max(shape.block_params,

@@ -39,9 +39,10 @@ class EngineConfig(StrictModel):
         "resident",
         description="Where the frozen base lives while it trains. 'resident': in memory "
         "(ZeRO-3 partitions it over the workers, ZeRO-2 keeps it whole on each). 'streamed': "
-        "it stays in its checkpoint files and each decoder block reads its weights when the "
-        "forward (and the backward's recompute) reaches it, so a worker holds about one "
-        "block and the LM head whatever the model's size (a 70B run fits one GPU), for "
+        "it stays in its checkpoint files and each module reads its weights when the forward "
+        "(and the backward's recompute) reaches it, the embeddings and the LM head by rows, "
+        "so a worker holds about one block whatever the model's size (a 70B run fits one "
+        "GPU), for "
         "reading the model twice per micro-batch (from the page cache when the host has room "
         "for it). Needs activation checkpointing, which it turns on under 'auto'.",
         json_schema_extra=ADDED_FIELD,

@@ -79,9 +79,38 @@ def _read_exact(f: Any, into: memoryview) -> None:
         done += got
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's bytes are in its safetensors file, and what they are."""
+
+    path: Path
+    offset: int  # of its first byte in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+Headers = dict[Path, tuple[int, dict[str, Any]]]
+"""A cache of parsed safetensors headers by file: (byte offset of the data, the header)."""
+
+
+def _locate(stored: Mapping[str, Path], name: str, headers: Headers) -> _Stored:
+    """Where ``name`` is (``stored``: its file), its file's header parsed once into
+    ``headers``."""
+    path = stored[name]
+    if path not in headers:
+        headers[path] = _header(path)
+    start, header = headers[path]
+    info = header[name]
+    dtype = _DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which recoup does not read")
+    a, b = info["data_offsets"]
+    return _Stored(path, start + a, b - a, dtype, tuple(info["shape"]))
+
+
 def read_unmapped(stored: Mapping[str, Path], names: Iterable[str],
-                  headers: dict[Path, tuple[int, dict[str, Any]]] | None = None,
-                  ) -> dict[str, Tensor]:
+                  headers: Headers | None = None) -> dict[str, Tensor]:
     """The named tensors (``stored``: :func:`~recoup.stages.model.partitioned.checkpoint_files`)
     read with ``read`` into fresh CPU memory, never mapped: the process holds the tensors
     and nothing else (the file's pages stay in the page cache, outside its resident set).
@@ -90,21 +119,13 @@ def read_unmapped(stored: Mapping[str, Path], names: Iterable[str],
     headers = {} if headers is None else headers
     out: dict[str, Tensor] = {}
     for path in sorted({stored[n] for n in wanted}):
-        if path not in headers:
-            headers[path] = _header(path)
-        start, header = headers[path]
         with open(path, "rb", buffering=0) as f:
             for name in (n for n in wanted if stored[n] == path):
-                info = header[name]
-                a, b = info["data_offsets"]
-                dtype = _DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which recoup "
-                                     "does not read")
-                raw = torch.empty(b - a, dtype=torch.uint8)
-                f.seek(start + a)
+                where = _locate(stored, name, headers)
+                raw = torch.empty(where.nbytes, dtype=torch.uint8)
+                f.seek(where.offset)
                 _read_exact(f, memoryview(raw.numpy()))
-                out[name] = raw.view(dtype).reshape(info["shape"])
+                out[name] = raw.view(where.dtype).reshape(where.shape)
     return out
 
 
@@ -112,17 +133,11 @@ class RowReader:
     """Rows of one stored 2-D tensor (vocabulary x hidden), read with ``read`` without the
     rest: an embedding lookup reads its tokens' rows, the LM head a chunk at a time."""
 
-    def __init__(self, stored: Mapping[str, Path], key: str,
-                 headers: dict[Path, tuple[int, dict[str, Any]]]):
-        self.path = stored[key]
-        if self.path not in headers:
-            headers[self.path] = _header(self.path)
-        start, header = headers[self.path]
-        info = header[key]
-        self.dtype = _DTYPES[info["dtype"]]
-        self.rows, self.cols = info["shape"]
+    def __init__(self, stored: Mapping[str, Path], key: str, headers: Headers):
+        where = _locate(stored, key, headers)
+        self.path, self.offset, self.dtype = where.path, where.offset, where.dtype
+        self.rows, self.cols = where.shape
         self.row_bytes = self.cols * self.dtype.itemsize
-        self.offset = start + info["data_offsets"][0]
         #: rows per chunk of the LM head (at least one)
         self.chunk = max(1, STREAMED_ROW_CHUNK_BYTES // self.row_bytes)
 
@@ -221,7 +236,7 @@ class StreamedWeights:
                                  f"parameter {names[0]}")
             key_of[pid] = found[0]
         rowwise = {id(m) for m in by_rows}
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._headers: Headers = {}
         self._loaded: list[_Slot] = []  # slots holding their weights now
         self.slots: dict[int, list[_Slot]] = {}
         for unit in list(model.modules()):  # each module with frozen weights of its own

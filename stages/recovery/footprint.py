@@ -113,19 +113,20 @@ def train_host_bytes(shape: ModelShape, cfg: TrainSettings, world_size: int, *,
     engine's own host memory comes on top in every case
     (:data:`~recoup.cluster.capacity.DEEPSPEED_ENGINE_HOST_BYTES`)."""
     card, eng = shape.card, cfg.engine
-    v_bytes = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
+    # beside the model's reads: the chosen heads' V, the DeepSpeed engine's own memory
+    carried = heads * card.d_head * card.d_head * FP32 if get_method(cfg.method).needs_heads \
         else 0
+    carried += capacity.DEEPSPEED_ENGINE_HOST_BYTES
     if teacher_top_k(cfg) == 0:  # the exact KL's teacher loads whole through the host
-        v_bytes += shape.weights_bytes
-    v_bytes += capacity.DEEPSPEED_ENGINE_HOST_BYTES  # the engine's own, whatever it trains
-    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
+        carried += shape.weights_bytes
     if eng.frozen_weights == "streamed":  # the reads land on the host first
-        return (capacity.streamed_read_bytes(shape) + v_bytes,
+        return (capacity.streamed_read_bytes(shape, shape.itemsize) + carried,
                 "streamed base: one module's tensors (or rows) read at a time, and the "
                 "DeepSpeed engine")
     if eng.zero_stage != 3:
-        return shape.weights_bytes + v_bytes, "the whole model while loading (ZeRO 0-2)"
-    host = largest * shape.itemsize + v_bytes
+        return shape.weights_bytes + carried, "the whole model while loading (ZeRO 0-2)"
+    largest = max([card.vocab * card.hidden] + [o * i for _, o, i in shape.block_linears])
+    host = largest * shape.itemsize + carried
     what = "partitioned load: rank 0 reads one module's tensors at a time, and the DeepSpeed " \
         "engine"
     item = 2 if use_bf16(eng, "cuda") else FP32

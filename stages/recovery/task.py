@@ -99,21 +99,26 @@ def _checkpoint_blocks(base: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _unmasked(job: TrainJob) -> TrainJob:
+    """``job`` with its adapters built without the sparsity mask, for a model built on a
+    weightless stand-in, whose zeros would mask every weight (the caller reads the mask
+    from the checkpoint where it is needed)."""
+    return job if job.lora is None else replace(job, lora=replace(job.lora, masked=False))
+
+
 def _build_streamed(job: TrainJob, setup: WorkerSetup) -> tuple[RecoveryModel, int]:
     """:func:`build_model` with the frozen base left in its checkpoint
     (:mod:`recoup.stages.model.streamed`): the method is built on a weightless stand-in of
     the degraded model (its adapters and compensation are real), the keep masks are read
     from the checkpoint one adapted linear at a time, and then every frozen parameter is
-    taken off the module and read around its block's call. The blocks are always
+    taken off the module and read around its module's call. The blocks are always
     checkpointed (the backward would keep every block's weights otherwise)."""
     dtype = setup.compute_dtype or modelio.DTYPES[job.dtype]
     base = modelio.weightless_model(job.degraded_dir, dtype)
     real_rotary(base, "cpu")
     base_params = sum(p.numel() for p in base.parameters())
-    masked = job.lora is not None and job.lora.masked
-    plain = replace(job, lora=replace(job.lora, masked=False)) if job.lora and masked else job
-    module = get_method(job.method).build(base, plain, _generator())
-    if masked:  # the stand-ins' zeros are no mask: the checkpoint's weights are
+    module = get_method(job.method).build(base, _unmasked(job), _generator())
+    if job.lora is not None and job.lora.masked:  # the stand-ins' zeros are no mask
         mask_lora(module.base, job.masks_file,
                   CheckpointTensors(job.degraded_dir, lora_base_weights(module.base)))
     # the embeddings and the LM head, the largest tensors, read by rows
@@ -222,8 +227,7 @@ def save_training_free(job: TrainJob, out_dir: Path) -> dict[str, Any]:
     no saved tensor (the export merges under it) and reading it needs the weights."""
     base = modelio.weightless_model(job.degraded_dir, modelio.DTYPES[job.dtype])
     base_params = sum(p.numel() for p in base.parameters())
-    unmasked = job if job.lora is None else replace(job, lora=replace(job.lora, masked=False))
-    module = get_method(job.method).build(base, unmasked, torch.Generator().manual_seed(0))
+    module = get_method(job.method).build(base, _unmasked(job), torch.Generator().manual_seed(0))
     trainable, _ = count_parameters(module)
     folder = out_dir / PARAMS_DIR
     tmp = tmp_path_for(folder)

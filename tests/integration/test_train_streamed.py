@@ -38,7 +38,12 @@ from recoup.stages.recovery.batching import collate
 from recoup.stages.recovery.masked_lora import KEEP_BUFFER, lora_layers
 from recoup.stages.recovery.task import build_model, count_parameters
 from recoup.stages.recovery.teacher import TEACHER_DIR
-from tests.integration.test_train_zero3_partitioned import _train, make_job, upstream
+from tests.integration.test_train_zero3_partitioned import (
+    _train,
+    make_job,
+    spawn_on_cuda,
+    upstream,
+)
 
 __all__ = ("upstream",)  # the fixture, shared with the ZeRO-3 tests
 CPU = torch.device("cpu")
@@ -215,17 +220,5 @@ def _gpu_body(_rank: int, job: object, out: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_streamed_training_on_gpu(upstream: Path, tmp_path: Path) -> None:
     """bf16 on the GPU, the cached teacher streamed too, ZeRO-3 on the trainable parts."""
-    import os
-
-    import torch.multiprocessing as mp
-
     job = make_job(upstream, n=4, kl_weight=1.0, teacher_top_k=16)
-    saved = os.environ.get("DS_ACCELERATOR")
-    os.environ["DS_ACCELERATOR"] = "cuda"  # the spawned process's environment
-    try:
-        mp.spawn(_gpu_body, args=(job, tmp_path / "t"), nprocs=1, join=True)
-    finally:
-        if saved is None:
-            os.environ.pop("DS_ACCELERATOR", None)
-        else:
-            os.environ["DS_ACCELERATOR"] = saved
+    spawn_on_cuda(_gpu_body, job, tmp_path / "t")

@@ -360,21 +360,27 @@ def _gpu_body(_rank: int, job: TrainJob, out: Path) -> None:
     assert (out / TEACHER_DIR / "topk-00000-of-00001.safetensors").is_file()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_zero3_partitioned_load_and_a_train_step_on_gpu(upstream: Path, tmp_path: Path) -> None:
+def spawn_on_cuda(body: Any, *args: Any) -> None:
+    """Run ``body(0, *args)`` in a process of its own with DeepSpeed's CUDA accelerator
+    (DeepSpeed picks its accelerator once per process, and the CPU tests picked the CPU)."""
     import torch.multiprocessing as mp
 
-    job = make_job(upstream, n=4, kl_weight=1.0, teacher_top_k=16)
     saved = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cuda"  # the spawned process's environment
     try:
-        mp.spawn(_gpu_body, args=(job, tmp_path / "t"), nprocs=1, join=True)
+        mp.spawn(body, args=args, nprocs=1, join=True)
     finally:
         if saved is None:
             os.environ.pop("DS_ACCELERATOR", None)
         else:
             os.environ["DS_ACCELERATOR"] = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_zero3_partitioned_load_and_a_train_step_on_gpu(upstream: Path, tmp_path: Path) -> None:
+    job = make_job(upstream, n=4, kl_weight=1.0, teacher_top_k=16)
+    spawn_on_cuda(_gpu_body, job, tmp_path / "t")
 
 
 def _gathered_at_head(folder: Path, ds_config: dict[str, Any],
